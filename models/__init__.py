@@ -1,0 +1,1 @@
+"""Plain-torch core of IDFuse: no ComfyUI imports in this package."""

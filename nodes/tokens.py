@@ -1,0 +1,148 @@
+"""SeFi-IDE identity tokens at inference: load a token file, encode a prompt with it, patch the model."""
+
+from __future__ import annotations
+
+import logging
+
+import folder_paths
+
+from ..models.id_tokens import IDTokens, IDTokensError, load_id_tokens
+from ..models.token_patch import StageContexts, StageContextPatch
+from .folders import ID_TOKENS_FOLDER
+from .id_encoding import encode_with_identity
+from .model_info import model_family
+
+log = logging.getLogger(__name__)
+
+CATEGORY = "IDFuse/identity tokens"
+
+# Key under which IDFuseEncodeWithID stores the per-stage contexts in a CONDITIONING entry.
+STAGE_CONTEXTS = "idfuse_stage_contexts"
+
+
+class IDFuseLoadIDTokens:
+    DESCRIPTION = ("Loads an identity-token file (SeFi-IDE per-stage K/V word vectors) from "
+                   "models/idfuse/tokens. Use it with IDFuse Encode With ID.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("ID_TOKENS",)
+    RETURN_NAMES = ("id_tokens",)
+    OUTPUT_TOOLTIPS = ("The identity: S stage pairs of key/value word vectors, its placeholder word and model family.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "tokens_name": (folder_paths.get_filename_list(ID_TOKENS_FOLDER), {
+                "tooltip": "A .safetensors identity-token file in models/idfuse/tokens "
+                           "(or a folder listed under idfuse_tokens in extra_model_paths.yaml)."}),
+        }}
+
+    def load(self, tokens_name: str) -> tuple[IDTokens]:
+        path = folder_paths.get_full_path(ID_TOKENS_FOLDER, tokens_name)
+        if path is None:
+            raise IDTokensError(f"Identity tokens '{tokens_name}' not found in models/idfuse/tokens; "
+                                f"put the file there and refresh the page.")
+        tokens = load_id_tokens(path)
+        log.info("Loaded identity tokens %s: %s, %d stages, placeholder '%s'",
+                 tokens_name, tokens.family, tokens.num_stages, tokens.placeholder)
+        return (tokens,)
+
+
+class IDFuseEncodeWithID:
+    DESCRIPTION = ("Encodes a prompt containing the identity's placeholder word (e.g. 'an old sks person "
+                   "holding a basketball'). The CONDITIONING is the prompt with the initialiser word in the "
+                   "placeholder's place and carries, per denoising stage, the prompt encoded with the stage's "
+                   "key and value vectors. Connect it to the sampler's positive input AND to IDFuse Apply ID "
+                   "Tokens, which makes the model use those encodings.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("Positive conditioning with the identity's per-stage encodings attached.",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "clip": ("CLIP", {"tooltip": "The SD1.5 or SDXL text encoder the identity was made for."}),
+            "id_tokens": ("ID_TOKENS", {"tooltip": "The identity, from IDFuse Load ID Tokens or the trainer."}),
+            "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
+                                "tooltip": "The prompt. It must contain the identity's placeholder word; "
+                                           "scenes, actions, attributes and styles work around it."}),
+        }}
+
+    def encode(self, clip, id_tokens: IDTokens, text: str):
+        if clip is None:
+            raise RuntimeError("IDFuse Encode With ID: the clip input is None; the checkpoint has no text encoder.")
+        plain, pooled, contexts = encode_with_identity(clip, text, id_tokens)
+        options = {STAGE_CONTEXTS: contexts}
+        if pooled is not None:
+            options["pooled_output"] = pooled
+        return ([[plain, options]],)
+
+
+def stage_contexts_in(conditioning) -> list[StageContexts]:
+    found = []
+    for _cond, options in conditioning:
+        contexts = options.get(STAGE_CONTEXTS)
+        if contexts is not None and all(contexts is not f for f in found):
+            found.append(contexts)
+    return found
+
+
+class IDFuseApplyIDTokens:
+    DESCRIPTION = ("Makes the model's cross-attention use the identity: at each step, for the prompts made by "
+                   "IDFuse Encode With ID, the keys come from the prompt encoded with the current stage's K "
+                   "vector and the values from the one encoded with its V vector. Other prompts (negative, "
+                   "combined, area) are untouched. The input MODEL is not changed.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The model with the identity's stage-wise keys and values.",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "An SD1.5 or SDXL model, matching the identity's family."}),
+            "conditioning": ("CONDITIONING", {
+                "tooltip": "The output of IDFuse Encode With ID (also what goes to the sampler's positive input). "
+                           "Combined conditionings work: every identity prompt in it is applied."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05,
+                                   "tooltip": "0 = the plain prompt with the initialiser word, 1 = the identity as "
+                                              "learned; in between blends the encodings. Above 1 exaggerates."}),
+            "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                                        "tooltip": "Share of the sampling at which the identity starts acting."}),
+            "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                                      "tooltip": "Share of the sampling after which the identity stops acting."}),
+        }}
+
+    def apply(self, model, conditioning, strength: float, start_percent: float, end_percent: float):
+        prompts = stage_contexts_in(conditioning)
+        if not prompts:
+            raise IDTokensError("IDFuse Apply ID Tokens: the conditioning holds no identity prompt. Connect the "
+                                "output of IDFuse Encode With ID to its conditioning input.")
+        family = model_family(model)
+        for prompt in prompts:
+            if prompt.family != family:
+                raise IDTokensError(f"IDFuse Apply ID Tokens: the identity prompt ({prompt.source}) was encoded for "
+                                    f"{prompt.family}, but the model is {family}. Use a matching checkpoint.")
+        if start_percent > end_percent:
+            raise ValueError(f"IDFuse Apply ID Tokens: start_percent ({start_percent}) is after end_percent "
+                             f"({end_percent}); set start_percent <= end_percent.")
+        sampling = model.get_model_object("model_sampling")
+        patch = StageContextPatch(prompts, strength, timestep_of_sigma=sampling.timestep,
+                                  sigma_start=float(sampling.percent_to_sigma(start_percent)),
+                                  sigma_end=float(sampling.percent_to_sigma(end_percent)))
+        patched = model.clone()
+        patched.set_model_attn2_patch(patch)
+        return (patched,)
+
+
+NODE_CLASS_MAPPINGS = {
+    "IDFuseLoadIDTokens": IDFuseLoadIDTokens,
+    "IDFuseEncodeWithID": IDFuseEncodeWithID,
+    "IDFuseApplyIDTokens": IDFuseApplyIDTokens,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "IDFuseLoadIDTokens": "IDFuse Load ID Tokens",
+    "IDFuseEncodeWithID": "IDFuse Encode With ID",
+    "IDFuseApplyIDTokens": "IDFuse Apply ID Tokens",
+}
