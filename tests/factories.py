@@ -123,3 +123,53 @@ def make_clip(family: str, tokenizer_dir: Path, seed: int = 0):
     clip = comfy.sd.CLIP(Target, embedding_directory=None, model_options={"dtype": torch.float32})
     init_weights(clip.cond_stage_model, seed)
     return clip
+
+
+def make_id_tokens(family: str = "sd15", num_stages: int = 5, placeholder: str = "sks",
+                   initializer: str = "person", seed: int = 0, scale: float = 1.0):
+    """Random identity tokens in the pack's format (the trainer makes real ones)."""
+    from comfyui_idfuse.models.id_tokens import ENCODERS, IDTokens
+
+    gen = torch.Generator().manual_seed(seed)
+    widths = ENCODERS[family]
+    return IDTokens(
+        family=family, placeholder=placeholder, initializer=initializer,
+        keys={n: torch.randn(num_stages, w, generator=gen) * scale for n, w in widths.items()},
+        values={n: torch.randn(num_stages, w, generator=gen) * scale for n, w in widths.items()},
+        training={"method": "random, for tests"}, source="test-tokens",
+    )
+
+
+def random_stage_contexts(family: str = "sd15", num_stages: int = 5, length: int = 77, seed: int = 0):
+    """Per-stage contexts with a distinct, recognisable tensor per stage and kind."""
+    from comfyui_idfuse.models.blocks import CONTEXT_DIM
+    from comfyui_idfuse.models.token_patch import StageContexts
+
+    gen = torch.Generator().manual_seed(seed)
+    width = CONTEXT_DIM[family]
+    return StageContexts(
+        family=family, placeholder="sks",
+        plain=torch.randn(1, length, width, generator=gen),
+        keys=torch.randn(num_stages, length, width, generator=gen),
+        values=torch.randn(num_stages, length, width, generator=gen),
+    )
+
+
+def sdxl_extras(cond: torch.Tensor) -> dict:
+    return {"pooled_output": torch.zeros(cond.shape[0], 1280)} if cond.shape[-1] == 2048 else {}
+
+
+def sample(model, positive, negative, steps: int = 3, cfg: float = 4.0, seed: int = 0, size: int = 16,
+           batch: int = 1, sigmas: torch.Tensor | None = None):
+    """Sample with ComfyUI's own sampling entry points; conditionings in ComfyUI's list format."""
+    import comfy.sample
+    import comfy.samplers
+
+    noise = torch.randn(batch, 4, size, size, generator=torch.Generator().manual_seed(seed))
+    latent = torch.zeros_like(noise)
+    with torch.inference_mode():
+        if sigmas is None:
+            return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent,
+                                       disable_pbar=True, seed=seed)
+        return comfy.sample.sample_custom(model, noise, cfg, comfy.samplers.sampler_object("euler"), sigmas,
+                                          positive, negative, latent, disable_pbar=True, seed=seed)
