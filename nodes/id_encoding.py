@@ -57,7 +57,8 @@ def encode_with_identity(clip, text: str, id_tokens: IDTokens) -> tuple[torch.Te
 
     def encode(replacement: dict[str, object]) -> tuple[torch.Tensor, torch.Tensor | None]:
         spliced = _spliced(tokens, {k: (placeholder[k], replacement[k]) for k in names})
-        cond, pooled = clip.encode_from_tokens(spliced, return_pooled=True)
+        with torch.no_grad():  # ComfyUI runs nodes in inference mode; other callers may not
+            cond, pooled = clip.encode_from_tokens(spliced, return_pooled=True)
         return cond.float().cpu(), None if pooled is None else pooled.float().cpu()
 
     plain, pooled = encode(initializer)
