@@ -88,7 +88,7 @@ class StageContextPatch:
             return n, context, value
         batch, length, width = context.shape
         new_keys = new_values = None
-        for prompt, (plain, keys, values) in zip(self.prompts, self._tensors(context)):
+        for prompt, (plain, keys, values) in zip(self.prompts, self._tensors(context), strict=True):
             prompt_len = plain.shape[1]
             if width != plain.shape[2] or length % prompt_len:
                 continue

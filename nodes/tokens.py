@@ -7,7 +7,7 @@ import logging
 import folder_paths
 
 from ..models.id_tokens import IDTokens, IDTokensError, load_id_tokens
-from ..models.token_patch import StageContexts, StageContextPatch
+from ..models.token_patch import StageContextPatch, StageContexts
 from .folders import ID_TOKENS_FOLDER
 from .id_encoding import encode_with_identity
 from .model_info import model_family

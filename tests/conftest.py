@@ -1,8 +1,7 @@
 from __future__ import annotations
 
-import pytest
-
 import comfy_env
+import pytest
 
 COMFY = comfy_env.setup_comfy()
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfyui_idfuse.models.blocks import FAMILIES, SD15_CROSS_ATTENTION, SDXL_CROSS_ATTENTION, block_keys, select_layers
 from factories import make_model, sample, sdxl_extras
+
+from comfyui_idfuse.models.blocks import FAMILIES, SD15_CROSS_ATTENTION, SDXL_CROSS_ATTENTION, block_keys, select_layers
 
 
 def test_table_sizes():

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from factories import make_clip, make_id_tokens, make_model, sample
+
 from comfyui_idfuse.models.id_tokens import IDTokensError
 from comfyui_idfuse.nodes.tokens import STAGE_CONTEXTS, IDFuseApplyIDTokens, IDFuseEncodeWithID, IDFuseLoadIDTokens
-from factories import make_clip, make_id_tokens, make_model, sample
 
 encode = IDFuseEncodeWithID().encode
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfyui_idfuse.models.id_tokens import IDTokensError, atomic_save_safetensors, load_id_tokens
 from factories import make_id_tokens
 from safetensors.torch import save_file
+
+from comfyui_idfuse.models.id_tokens import IDTokensError, atomic_save_safetensors, load_id_tokens
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])

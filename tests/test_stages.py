@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from factories import make_model, random_stage_contexts, sample
+
 from comfyui_idfuse.models.stages import stage_of_timestep
 from comfyui_idfuse.nodes.tokens import IDFuseApplyIDTokens
-from factories import make_model, random_stage_contexts, sample
 
 
 def test_stage_buckets():

@@ -6,9 +6,10 @@ import copy
 
 import pytest
 import torch
+from factories import make_model, random_stage_contexts, sample, sdxl_extras
+
 from comfyui_idfuse.models.token_patch import StageContextPatch
 from comfyui_idfuse.nodes.tokens import STAGE_CONTEXTS, IDFuseApplyIDTokens
-from factories import make_model, random_stage_contexts, sample, sdxl_extras
 
 apply_tokens = IDFuseApplyIDTokens().apply
 
@@ -110,7 +111,7 @@ def _check_rows(model, contexts_list, positive, negative, **sample_kwargs):
     sample(patched, positive, negative, **sample_kwargs)
     assert before and len(before) == len(after)
     replaced_rows = 0
-    for (context, value), (new_k, new_v, sigmas) in zip(before, after):
+    for (context, value), (new_k, new_v, sigmas) in zip(before, after, strict=True):
         t = int(sampling.timestep(sigmas[:1]))
         for row in range(context.shape[0]):
             hit = None
