@@ -1,0 +1,313 @@
+"""Random-weight checkpoints in the real single-file layouts, for end-to-end tests.
+
+The key names and shapes come from ComfyUI's own modules (SD1.5 UNet through
+``comfy.supported_models.SD15``, CLIP-L through ``comfy.sd1_clip.SDClipModel``, the SD VAE
+through ``AutoencoderKL``), built on the meta device in a subprocess running the full
+ComfyUI with this interpreter, so the test process never imports ``comfy``. The subprocess
+also checks that ComfyUI's model detection recognises the layout as SD1.5.
+
+The file is streamed tensor by tensor (in chunks) into safetensors' format: memory stays
+small although the SD1.5 file is ~2.1 GB in fp16.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+NORMAL_STD = 0.02
+CHUNK_ELEMENTS = 1 << 22  # 4 Mi values (16 MB of fp32) per generated chunk
+
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One state-dict entry: its key, its shape and how to fill it (normal, ones or zeros)."""
+
+    key: str
+    shape: tuple[int, ...]
+    init: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+# Runs inside ``python -c`` with argv [comfy_root]; prints {"entries": [...], "detected": ..., "clip": ...}.
+_SD15_TABLE_SCRIPT = r"""
+import json, sys
+comfy_root = sys.argv[1]
+sys.path.insert(0, comfy_root)
+sys.argv = [sys.argv[0], "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+import torch
+import comfy.model_detection
+import comfy.sd1_clip
+import comfy.supported_models
+from comfy.ldm.models.autoencoder import AutoencoderKL
+
+# detect_unet_config's answer for a real SD1.5 checkpoint (comfy/model_detection.py).
+SD15_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+    "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
+    "context_dim": 768, "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+# The default SD1.x/SD2.x VAE of comfy/sd.py.
+SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+          "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+NORMS = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
+def table(module, prefix, keep=lambda key: True):
+    init = {}
+    for module_name, sub in module.named_modules():
+        tensors = list(sub.named_parameters(recurse=False)) + list(sub.named_buffers(recurse=False))
+        for name, _ in tensors:
+            key = module_name + "." + name if module_name else name
+            if name == "bias":
+                init[key] = "zeros"
+            elif isinstance(sub, NORMS) and name == "weight":
+                init[key] = "ones"
+            else:
+                init[key] = "normal"
+    return [[prefix + key, list(t.shape), init.get(key, "normal")]
+            for key, t in module.state_dict().items() if keep(key)]
+
+
+with torch.device("meta"):
+    config = comfy.supported_models.SD15(dict(SD15_UNET))
+    unet = config.get_model({}, "", device=torch.device("meta")).diffusion_model
+    clip = comfy.sd1_clip.SDClipModel(device="meta", dtype=torch.float16)
+    vae = AutoencoderKL(ddconfig=SD_VAE, embed_dim=4)
+entries = (table(unet, "model.diffusion_model.")
+           # SD1.x files carry neither text_projection nor logit_scale: ComfyUI expects that.
+           + table(clip.transformer, "cond_stage_model.transformer.", keep=lambda k: k.startswith("text_model."))
+           + table(vae, "first_stage_model."))
+meta_sd = {key: torch.empty(shape, dtype=torch.float16, device="meta") for key, shape, _ in entries}
+prefix = comfy.model_detection.unet_prefix_from_state_dict(meta_sd)
+detected = comfy.model_detection.model_config_from_unet(meta_sd, prefix)
+clip_target = detected.clip_target(state_dict=meta_sd) if detected is not None else None
+json.dump({
+    "entries": entries,
+    "unet_prefix": prefix,
+    "detected": type(detected).__name__ if detected is not None else None,
+    "clip": clip_target.clip.__name__ if clip_target is not None else None,
+}, sys.stdout)
+"""
+
+# Runs inside ``python -c`` with argv [comfy_root, checkpoint]: loads it as CheckpointLoaderSimple
+# does, with every log record (DEBUG included) captured; prints a JSON report.
+_LOAD_CHECK_SCRIPT = r"""
+import json, logging, sys
+comfy_root, checkpoint = sys.argv[1], sys.argv[2]
+sys.path.insert(0, comfy_root)
+sys.argv = [sys.argv[0], "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+records = []
+
+
+class Capture(logging.Handler):
+    def emit(self, record):
+        records.append([record.levelname, record.getMessage()])
+
+
+root = logging.getLogger()
+root.setLevel(logging.DEBUG)
+root.addHandler(Capture())
+import comfy.sd
+model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=True, output_clip=True)
+json.dump({
+    "model_config": type(model.model.model_config).__name__,
+    "clip": type(clip.cond_stage_model).__name__ if clip is not None else None,
+    "vae": type(vae.first_stage_model).__name__ if vae is not None and vae.first_stage_model is not None else None,
+    "records": records,
+}, sys.stdout)
+"""
+
+
+def _run_comfy_script(script: str, comfy_root: Path, args: Sequence[str], python: str, timeout: float) -> dict:
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    result = subprocess.run(
+        [python, "-c", script, str(comfy_root), *args],
+        cwd=comfy_root, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"ComfyUI helper failed (exit {result.returncode}):\n{result.stderr[-6000:]}")
+    # ComfyUI may print to stdout while importing; the JSON is the last line.
+    return dict(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+@functools.lru_cache(maxsize=4)
+def sd15_tensor_specs(comfy_root: Path, python: str = sys.executable) -> tuple[TensorSpec, ...]:
+    """Keys, shapes and fills of a real SD1.5 single-file checkpoint, sorted by key."""
+    started = time.monotonic()
+    answer = _run_comfy_script(_SD15_TABLE_SCRIPT, comfy_root, [], python, timeout=600)
+    if answer["detected"] != "SD15" or answer["clip"] != "SD1ClipModel":
+        raise RuntimeError(f"ComfyUI detects the generated layout as {answer['detected']} / {answer['clip']}, "
+                           "not SD15 / SD1ClipModel")
+    specs = tuple(sorted((TensorSpec(key, tuple(shape), init) for key, shape, init in answer["entries"]),
+                         key=lambda spec: spec.key))
+    log.info("SD1.5 key table: %d tensors, %.0f M values (%.1f s)", len(specs),
+             sum(spec.numel for spec in specs) / 1e6, time.monotonic() - started)
+    return specs
+
+
+def _header(specs: Sequence[TensorSpec], dtype: torch.dtype, metadata: dict[str, str]) -> bytes:
+    item = torch.empty((), dtype=dtype).element_size()
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for spec in specs:
+        size = spec.numel * item
+        header[spec.key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(spec.shape),
+                            "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    return raw + b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes
+
+
+def expected_size(specs: Sequence[TensorSpec], dtype: torch.dtype, metadata: dict[str, str]) -> int:
+    item = torch.empty((), dtype=dtype).element_size()
+    return 8 + len(_header(specs, dtype, metadata)) + sum(spec.numel for spec in specs) * item
+
+
+def write_random_safetensors(path: str | os.PathLike[str], specs: Sequence[TensorSpec],
+                             dtype: torch.dtype = torch.float16, seed: int = 0, std: float = NORMAL_STD,
+                             metadata: dict[str, str] | None = None) -> Path:
+    """Stream random tensors (normal * ``std``; ones / zeros where asked) into a safetensors file.
+
+    Written to ``<path>.partial`` and renamed, so a reader never sees half a file.
+    """
+    if dtype not in SAFETENSORS_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype}")
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    header = _header(specs, dtype, dict(metadata or {"format": "pt"}))
+    generator = torch.Generator().manual_seed(seed)
+    started = time.monotonic()
+    with open(partial, "wb") as handle:
+        handle.write(struct.pack("<Q", len(header)))
+        handle.write(header)
+        for spec in specs:
+            remaining = spec.numel
+            while remaining > 0:
+                count = min(remaining, CHUNK_ELEMENTS)
+                if spec.init == "normal":
+                    chunk = torch.randn(count, generator=generator, dtype=torch.float32).mul_(std).to(dtype)
+                elif spec.init == "ones":
+                    chunk = torch.ones(count, dtype=dtype)
+                else:
+                    chunk = torch.zeros(count, dtype=dtype)
+                handle.write(chunk.view(torch.uint8).numpy().data)
+                remaining -= count
+    os.replace(partial, target)
+    log.info("wrote %s (%.2f GB) in %.1f s", target, target.stat().st_size / 1e9, time.monotonic() - started)
+    return target
+
+
+def _table_digest(specs: Sequence[TensorSpec]) -> str:
+    text = json.dumps([[spec.key, list(spec.shape), spec.init] for spec in specs])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def write_random_sd15_checkpoint(path: str | os.PathLike[str], dtype: torch.dtype = torch.float16, seed: int = 0,
+                                 *, comfy_root: Path | None = None, python: str = sys.executable) -> Path:
+    """Write a random-weight SD1.5 checkpoint that ``CheckpointLoaderSimple`` loads as SD1.5.
+
+    ``comfy_root`` defaults to the full ComfyUI the e2e tests find (``COMFYUI_PATH`` or an
+    ancestor of the pack). Reuses ``path`` when it already holds this exact file (same key table,
+    dtype and seed, recorded in the safetensors metadata, and the right size).
+    """
+    if comfy_root is None:
+        from .server import find_full_comfyui
+
+        location = find_full_comfyui()
+        if location.path is None:
+            raise RuntimeError(location.reason)
+        comfy_root = location.path
+    specs = sd15_tensor_specs(Path(comfy_root), python)
+    metadata = {
+        "format": "pt",
+        "idfuse_e2e": "random-sd15",
+        "idfuse_e2e_layout": _table_digest(specs),
+        "idfuse_e2e_fill": f"{SAFETENSORS_DTYPES[dtype]}-seed{seed}-std{NORMAL_STD}",
+    }
+    target = Path(path)
+    if (target.is_file() and target.stat().st_size == expected_size(specs, dtype, metadata)
+            and read_metadata(target) == metadata):
+        log.info("reusing %s", target)
+        return target
+    return write_random_safetensors(target, specs, dtype=dtype, seed=seed, metadata=metadata)
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file (reads the header only)."""
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    return dict(header.get("__metadata__") or {})
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What ComfyUI made of a checkpoint: detected classes and every key complaint it logged."""
+
+    model_config: str
+    clip: str | None
+    vae: str | None
+    key_warnings: tuple[str, ...]
+
+
+_KEY_MESSAGES = ("unet missing", "unet unexpected", "Missing VAE keys", "Leftover VAE keys", "clip missing",
+                 "clip unexpected", "left over keys")
+_BENIGN_CLIP_MISSING = {"clip_l.logit_scale", "clip_l.transformer.text_projection.weight"}
+
+
+def check_checkpoint_loads(path: str | os.PathLike[str], comfy_root: Path, python: str = sys.executable,
+                           timeout: float = 600) -> LoadReport:
+    """Load ``path`` with ``comfy.sd.load_checkpoint_guess_config`` in a subprocess (DEBUG logging).
+
+    ``key_warnings`` lists every missing / unexpected / left-over key message, including the
+    DEBUG-level ones the server does not log by default, minus the two CLIP keys that no SD1.x
+    file has and ComfyUI ignores itself.
+    """
+    answer = _run_comfy_script(_LOAD_CHECK_SCRIPT, comfy_root, [str(Path(path).resolve())], python, timeout)
+    warnings = []
+    for _level, message in answer["records"]:
+        if not message.startswith(_KEY_MESSAGES):
+            continue
+        if message.startswith("clip missing"):
+            try:
+                listed = set(ast.literal_eval(message.split(":", 1)[1].strip()))
+            except (ValueError, SyntaxError):
+                listed = set()
+            if listed and listed <= _BENIGN_CLIP_MISSING:
+                continue
+        warnings.append(message[:2000])
+    return LoadReport(answer["model_config"], answer["clip"], answer["vae"], tuple(warnings))

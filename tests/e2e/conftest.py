@@ -1,0 +1,138 @@
+"""Fixtures running the pack inside a real ComfyUI server (session scope).
+
+Every test under tests/e2e gets the ``e2e`` marker. Tests that use the server or a model
+skip (with the reason) when no full ComfyUI is found (``COMFYUI_PATH``, or the pack in
+``ComfyUI/custom_nodes/``) or when this interpreter lacks ComfyUI's requirements; set
+``IDFUSE_E2E_REQUIRED=1`` to turn those skips into failures (e.g. in a CI job meant to run them).
+
+Environment knobs: ``IDFUSE_E2E_STARTUP_TIMEOUT`` (s, default 180), ``IDFUSE_E2E_LOG_LEVEL``
+(server ``--verbose``, default INFO), ``IDFUSE_E2E_SERVER_ARGS`` (extra main.py arguments),
+``IDFUSE_E2E_CHECKPOINT_CACHE`` (a folder keeping the ~2 GB random checkpoint across sessions).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .server import (
+    PACK_ROOT,
+    ComfyClient,
+    ComfyServer,
+    ServerDirs,
+    comfyui_version,
+    find_full_comfyui,
+    missing_requirements,
+    prepare_base_dir,
+)
+
+log = logging.getLogger(__name__)
+
+E2E_DIR = Path(__file__).resolve().parent
+SD15_CHECKPOINT_NAME = "idfuse-e2e-random-sd15.safetensors"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "e2e: end-to-end test running the pack inside a real ComfyUI server (tests/e2e)"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if E2E_DIR in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.e2e)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _unavailable(reason: str) -> None:
+    if _env_flag("IDFUSE_E2E_REQUIRED"):
+        pytest.fail(f"e2e tests required (IDFUSE_E2E_REQUIRED) but: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def comfyui_path() -> Path:
+    """The full ComfyUI checkout the server runs from (skips the test when there is none)."""
+    location = find_full_comfyui()
+    if location.path is None:
+        _unavailable(location.reason)
+    assert location.path is not None
+    missing = missing_requirements()
+    if missing:
+        _unavailable(
+            f"ComfyUI found at {location.path}, but this interpreter ({sys.executable}) lacks its "
+            f"requirements: {', '.join(missing)} (pip install -r {location.path / 'requirements.txt'})"
+        )
+    log.info("e2e: ComfyUI %s at %s", comfyui_version(location.path), location.path)
+    return location.path
+
+
+@pytest.fixture(scope="session")
+def comfy_dirs(comfyui_path: Path, tmp_path_factory: pytest.TempPathFactory) -> ServerDirs:
+    """The isolated ``--base-directory`` (models/, input/, output/, user/, custom_nodes/comfyui-idfuse)."""
+    return prepare_base_dir(tmp_path_factory.mktemp("comfyui-base"), PACK_ROOT)
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfyui_path: Path, comfy_dirs: ServerDirs) -> Iterator[ComfyServer]:
+    """A ComfyUI server (``main.py --cpu``, 127.0.0.1, free port) with the pack loaded; stopped at the end."""
+    timeout = float(os.environ.get("IDFUSE_E2E_STARTUP_TIMEOUT", "180"))
+    server = ComfyServer(
+        comfyui_path,
+        comfy_dirs,
+        extra_args=shlex.split(os.environ.get("IDFUSE_E2E_SERVER_ARGS", "")),
+        log_level=os.environ.get("IDFUSE_E2E_LOG_LEVEL", "INFO"),
+    )
+    try:
+        try:
+            server.start(timeout=timeout)
+        except Exception as error:  # reported with the server log's tail
+            pytest.fail(f"ComfyUI server did not start: {error}", pytrace=False)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def comfy_client(comfy_server: ComfyServer) -> ComfyClient:
+    """HTTP client of the session's server (queue_prompt, wait_for, run, run_ui_workflow, ...)."""
+    return comfy_server.client
+
+
+@pytest.fixture(scope="session")
+def object_info(comfy_client: ComfyClient) -> dict[str, Any]:
+    """``/object_info`` as the server answered it at first use (combo lists may be stale later)."""
+    return comfy_client.object_info()
+
+
+@pytest.fixture(scope="session")
+def sd15_checkpoint(comfyui_path: Path, comfy_dirs: ServerDirs) -> Iterator[Path]:
+    """A random-weight SD1.5 checkpoint in the server's models/checkpoints (use ``.name`` in graphs).
+
+    Written once per session (~20 s, ~2.1 GB fp16) and deleted at the end, unless
+    ``IDFUSE_E2E_CHECKPOINT_CACHE`` names a folder to keep it in (then it is symlinked).
+    """
+    from .checkpoints import write_random_sd15_checkpoint
+
+    target = comfy_dirs.checkpoints / SD15_CHECKPOINT_NAME
+    cache = os.environ.get("IDFUSE_E2E_CHECKPOINT_CACHE")
+    if cache:
+        cached = write_random_sd15_checkpoint(Path(cache) / SD15_CHECKPOINT_NAME, comfy_root=comfyui_path)
+        if not target.is_symlink():
+            target.symlink_to(cached.resolve())
+    else:
+        write_random_sd15_checkpoint(target, comfy_root=comfyui_path)
+    yield target
+    if not cache:
+        target.unlink(missing_ok=True)
