@@ -116,13 +116,16 @@ class IDKeysValues:
 class IDCrossAttention:
     """ComfyUI ``attn2_replace``: output = Attn(Q, K_t, V_t) + w * Attn(Q, K_id, V_id) on ID rows.
 
+    With ``two_streams=False`` every row is an ID row (one stream, as IP-Adapter works).
+
     Positive chunks of the ID stream use the person's ID tokens, negative chunks the encoder's
     output for an empty face (as IP-Adapter does), so guidance pushes towards the identity.
     """
 
     def __init__(self, attention: Attention, layers: Mapping[tuple[str, int, int], IDKeysValues], weight: float,
-                 window: SigmaWindow | None = None):
+                 window: SigmaWindow | None = None, two_streams: bool = True):
         self.attention = attention
+        self.two_streams = two_streams
         self.layers = dict(layers)
         self.weight = float(weight)
         self.window = window or SigmaWindow()
@@ -151,10 +154,12 @@ class IDCrossAttention:
         layer = self._kv(key, q)
         cond_or_uncond = extra_options["cond_or_uncond"]
         chunks = len(cond_or_uncond)
-        _q_text, q_id = stream_views(q, chunks)
+        q_id = stream_views(q, chunks)[1] if self.two_streams else q
         per = q_id.shape[0] // chunks
         k_id = torch.cat([(layer.k_cond if c == 0 else layer.k_uncond).expand(per, -1, -1) for c in cond_or_uncond])
         v_id = torch.cat([(layer.v_cond if c == 0 else layer.v_uncond).expand(per, -1, -1) for c in cond_or_uncond])
         id_out = self.attention(q_id, k_id, v_id, heads, **kwargs)
+        if not self.two_streams:
+            return out + self.weight * id_out
         out_text, out_id = stream_views(out, chunks)
         return join_streams(out_text, out_id + self.weight * id_out, chunks)

@@ -94,7 +94,7 @@ class StageContextPatch:
                 continue
             # ComfyUI repeats shorter prompts up to the batch's common length (lcm).
             repeats = length // prompt_len
-            rows = (context.view(batch, repeats, prompt_len, width) == plain.unsqueeze(1)).flatten(1).all(1)
+            rows = (context.reshape(batch, repeats, prompt_len, width) == plain.unsqueeze(1)).flatten(1).all(1)
             if not bool(rows.any()):
                 continue
             stage = int(stage_of_timestep(timestep, prompt.num_stages))
