@@ -30,8 +30,9 @@ def main() -> None:
 
     comfy_env.setup_comfy()
     import torch
-    from comfyui_idfuse.nodes.tokens import IDFuseApplyIDTokens
     from factories import make_model, random_stage_contexts, sample
+
+    from comfyui_idfuse.nodes.tokens import IDFuseApplyIDTokens
 
     model = make_model("sd15", model_channels=320)  # the real SD1.5 UNet shape, random weights
     contexts = random_stage_contexts("sd15", num_stages=5)

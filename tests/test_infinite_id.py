@@ -6,11 +6,10 @@ import copy
 
 import pytest
 import torch
-from factories import make_model, sdxl_extras
+from factories import make_model, random_id_layers, sdxl_extras
 
 from comfyui_idfuse.models.blocks import block_keys
 from comfyui_idfuse.models.infinite_id import (
-    IDKeysValues,
     MixedSelfAttention,
     adain_full,
     adain_mean,
@@ -86,29 +85,12 @@ def test_mixed_self_attention_patch_rows():
             assert torch.allclose(out[id_row], reference_attention(q[id_row:id_row + 1], keys, values, heads)[0], atol=1e-10)
 
 
-def cross_attention_widths(model, family):
-    """Inner width of every cross-attention layer of a ComfyUI UNet, by block key."""
-    unet = model.model.diffusion_model
-    parts = {"input": unet.input_blocks, "output": unet.output_blocks}
-    widths = {}
-    for key in block_keys(family):
-        container = unet.middle_block if key.block == "middle" else parts[key.block][key.block_id]
-        widths[key.key] = container[1].transformer_blocks[key.index].attn2.to_k.out_features
-    return widths
-
-
-def random_layers(model, family, tokens=4, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return {key: IDKeysValues(*(torch.randn(1, tokens, width, generator=gen) for _ in range(4)))
-            for key, width in cross_attention_widths(model, family).items()}
-
-
 def run_two_streams(model, family, settings, batch=1, seed=0, steps=3, size=16):
     import comfy.samplers
 
     cond = torch.randn(1, 77, 2048 if family == "sdxl" else 768, generator=torch.Generator().manual_seed(5))
     positive, negative = [[cond, sdxl_extras(cond)]], [[cond.flip(1), sdxl_extras(cond)]]
-    patched = two_stream_model(model, random_layers(model, family), settings)
+    patched = two_stream_model(model, random_id_layers(model, family), settings)
     guider = TwoStreamGuider(patched, return_text_stream=True)
     guider.set_conds(positive, negative)
     guider.set_cfg(5.0)
@@ -166,12 +148,12 @@ def test_sdxl_two_streams():
 
 def test_input_model_untouched(sd15):
     before = copy.deepcopy(sd15.model_options)
-    two_stream_model(sd15, random_layers(sd15, "sd15"), ON)
+    two_stream_model(sd15, random_id_layers(sd15, "sd15"), ON)
     assert sd15.model_options == before
 
 
 def test_missing_layers_error(sd15):
-    layers = random_layers(sd15, "sd15")
+    layers = random_id_layers(sd15, "sd15")
     del layers[("middle", 0, 0)]
     with pytest.raises(ValueError, match="no ID keys/values for layers"):
         two_stream_model(sd15, layers, ON)

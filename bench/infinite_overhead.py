@@ -1,0 +1,84 @@
+"""Cost of Infinite-ID sampling: plain, ID cross-attention only, and two streams, in the same run.
+
+Random-weight UNet of the real SD1.5 layout (full width), 256x256, CFG with a negative prompt,
+a few euler steps; runs interleaved, median of each. ID keys/values are random (4 tokens per
+layer, as IP-Adapter FaceID); the cost does not depend on their values. The last line printed is
+a JSON object: plain_s, id_attention_s, two_stream_s, id_attention_ratio, ratio (two-stream / plain).
+
+    python bench/infinite_overhead.py [--steps 3] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import comfy_env  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--size", type=int, default=256)
+    args = parser.parse_args()
+
+    comfy_env.setup_comfy()
+    import comfy.samplers
+    import torch
+    from comfy.ldm.modules.attention import optimized_attention
+    from factories import make_model, random_id_layers
+
+    from comfyui_idfuse.models.blocks import block_keys
+    from comfyui_idfuse.models.infinite_id import IDCrossAttention
+    from comfyui_idfuse.nodes.infinite_id import InfiniteIDSettings, TwoStreamGuider, two_stream_model
+
+    model = make_model("sd15", model_channels=320)
+    layers = random_id_layers(model, "sd15")
+    one_stream = model.clone()
+    cross = IDCrossAttention(optimized_attention, layers, 1.0, two_streams=False)
+    for key in block_keys("sd15"):
+        one_stream.set_model_attn2_replace(cross, *key.key)
+    two = two_stream_model(model, layers, InfiniteIDSettings(id_weight=1.0, mixing=True, mix_blocks="all"))
+
+    gen = torch.Generator().manual_seed(0)
+    positive, negative = [[torch.randn(1, 77, 768, generator=gen), {}]], [[torch.randn(1, 77, 768, generator=gen), {}]]
+    latent = args.size // 8
+    noise = torch.randn(1, 4, latent, latent, generator=gen)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", args.steps)
+
+    def timed(guider) -> float:
+        guider.set_conds(positive, negative)
+        guider.set_cfg(7.0)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            guider.sample(noise, torch.zeros_like(noise), comfy.samplers.sampler_object("euler"), sigmas,
+                          disable_pbar=True, seed=0)
+        return time.perf_counter() - start
+
+    runs = {"plain": lambda: timed(comfy.samplers.CFGGuider(model)),
+            "id_attention": lambda: timed(comfy.samplers.CFGGuider(one_stream)),
+            "two_stream": lambda: timed(TwoStreamGuider(two))}
+    for run in runs.values():  # warm-up
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(args.repeats):
+        for name, run in runs.items():
+            times[name].append(run())
+        print(f"repeat {i + 1}: " + ", ".join(f"{n} {t[-1]:.3f} s" for n, t in times.items()), flush=True)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    print(json.dumps({"plain_s": round(med["plain"], 4), "id_attention_s": round(med["id_attention"], 4),
+                      "two_stream_s": round(med["two_stream"], 4),
+                      "id_attention_ratio": round(med["id_attention"] / med["plain"], 4),
+                      "ratio": round(med["two_stream"] / med["plain"], 4), "steps": args.steps, "size": args.size,
+                      "repeats": args.repeats, "torch_threads": torch.get_num_threads()}))
+
+
+if __name__ == "__main__":
+    main()
