@@ -20,7 +20,8 @@ from comfy.ldm.modules.attention import optimized_attention
 
 from ..models.blocks import block_keys
 from ..models.infinite_id import ADAIN_MODES, IDCrossAttention, IDKeysValues, MixedSelfAttention, SigmaWindow
-from .model_info import model_family
+from .lora_glue import with_lora
+from .model_info import cross_attention_widths, model_family
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class InfiniteIDSettings:
     mix_start: float = 0.0
     mix_end: float = 1.0
     adain: str = "mean"
+    lora_strength: float = 0.0
 
 
 def _window(model, start: float, end: float) -> SigmaWindow:
@@ -63,6 +65,12 @@ def two_stream_model(model, layers: dict[tuple[str, int, int], IDKeysValues], se
     if missing:
         raise ValueError(f"The ID encoder has no ID keys/values for layers {missing[:4]}...; it does not fit "
                          f"this {family} model.")
+    widths = cross_attention_widths(model)
+    wrong = [f"{key}: {layers[key].k_cond.shape[-1]} != {width}" for key, width in widths.items()
+             if layers[key].k_cond.shape[-1] != width]
+    if wrong:
+        raise ValueError(f"The ID encoder's keys/values do not fit this model's cross-attention widths "
+                         f"({', '.join(wrong[:3])}); use an encoder made for this model family.")
     if settings.adain not in ADAIN_MODES:
         raise ValueError(f"adain must be one of {sorted(ADAIN_MODES)}")
     patched = model.clone()
@@ -150,17 +158,23 @@ ID_INPUTS = {
                                                                 "text stream's before mixing: mean (the paper's AdaIN-mean: "
                                                                 "shift to the text mean, keeps identity), full (mean and "
                                                                 "std), off."}),
+    "encoder_lora_strength": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 2.0, "step": 0.05,
+                                        "tooltip": "Strength of the LoRA inside IP-Adapter FaceID files. Both streams "
+                                                   "share the UNet's weights, so it changes the text stream too; 0 "
+                                                   "keeps the text stream the plain model (Infinite-ID has no LoRA)."}),
 }
 
 
 def _settings(kwargs) -> InfiniteIDSettings:
     return InfiniteIDSettings(kwargs["id_weight"], kwargs["id_start_percent"], kwargs["id_end_percent"],
                               kwargs["mixing"], kwargs["mix_blocks"], kwargs["mix_start_percent"],
-                              kwargs["mix_end_percent"], kwargs["adain"])
+                              kwargs["mix_end_percent"], kwargs["adain"], kwargs["encoder_lora_strength"])
 
 
 def _prepared_model(model, id_encoder, id_embeds, settings: InfiniteIDSettings):
-    return two_stream_model(model, id_layers(id_encoder, id_embeds, model_family(model)), settings)
+    layers = id_layers(id_encoder, id_embeds, model_family(model))
+    base = with_lora(model, id_encoder.encoder.lora, settings.lora_strength)
+    return two_stream_model(base, layers, settings)
 
 
 class IDFuseInfiniteIDGuider:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..models.blocks import UnsupportedModelError, family_from_context_dim
+from ..models.blocks import UnsupportedModelError, block_keys, family_from_context_dim
 
 
 def model_family(model) -> str:
@@ -23,3 +23,14 @@ def clip_family(tokens: dict) -> str:
     raise UnsupportedModelError(
         f"This CLIP has text encoders {sorted(keys)}; IDFuse supports the SD1.5 (clip_l) and SDXL "
         f"(clip_l + clip_g) text encoders. Load the CLIP of an SD1.5 or SDXL checkpoint.")
+
+
+def cross_attention_widths(model) -> dict[tuple[str, int, int], int]:
+    """Inner width of each cross-attention layer of a ComfyUI UNet, by block key."""
+    unet = model.model.diffusion_model
+    parts = {"input": unet.input_blocks, "output": unet.output_blocks}
+    widths = {}
+    for key in block_keys(model_family(model)):
+        container = unet.middle_block if key.block == "middle" else parts[key.block][key.block_id]
+        widths[key.key] = container[1].transformer_blocks[key.index].attn2.to_k.out_features
+    return widths

@@ -175,23 +175,11 @@ def sample(model, positive, negative, steps: int = 3, cfg: float = 4.0, seed: in
                                           positive, negative, latent, disable_pbar=True, seed=seed)
 
 
-def cross_attention_widths(model, family):
-    """Inner width of every cross-attention layer of a ComfyUI UNet, by block key."""
-    from comfyui_idfuse.models.blocks import block_keys
-
-    unet = model.model.diffusion_model
-    parts = {"input": unet.input_blocks, "output": unet.output_blocks}
-    widths = {}
-    for key in block_keys(family):
-        container = unet.middle_block if key.block == "middle" else parts[key.block][key.block_id]
-        widths[key.key] = container[1].transformer_blocks[key.index].attn2.to_k.out_features
-    return widths
-
-
 def random_id_layers(model, family, tokens=4, seed=0):
     """Random ID keys/values (positive and negative) of the right width for every cross-attention layer."""
     from comfyui_idfuse.models.infinite_id import IDKeysValues
+    from comfyui_idfuse.nodes.model_info import cross_attention_widths
 
     gen = torch.Generator().manual_seed(seed)
     return {key: IDKeysValues(*(torch.randn(1, tokens, width, generator=gen) for _ in range(4)))
-            for key, width in cross_attention_widths(model, family).items()}
+            for key, width in cross_attention_widths(model).items()}
