@@ -7,7 +7,6 @@ when a node runs, so the pack loads without them.
 from __future__ import annotations
 
 import logging
-import os
 
 import folder_paths
 import torch
@@ -23,23 +22,11 @@ from ..models.face_analysis import (
     embed_faces,
     load_face_analysis,
 )
+from .folders import INSIGHTFACE_FOLDER
 
 log = logging.getLogger(__name__)
 
 CATEGORY = "IDFuse/Infinite-ID"
-INSIGHTFACE_FOLDER = "insightface"  # root of insightface's layout: <root>/models/<pack>/*.onnx
-
-
-def register_insightface_folder() -> None:
-    """models/insightface, plus whatever extra_model_paths.yaml lists under 'insightface'."""
-    default = os.path.join(folder_paths.models_dir, INSIGHTFACE_FOLDER)
-    registered = folder_paths.folder_names_and_paths.get(INSIGHTFACE_FOLDER, ([], set()))[0]
-    if default not in registered:
-        folder_paths.add_model_folder_path(INSIGHTFACE_FOLDER, default, is_default=True)
-
-
-register_insightface_folder()
-
 
 def insightface_roots() -> list[str]:
     return folder_paths.get_folder_paths(INSIGHTFACE_FOLDER)

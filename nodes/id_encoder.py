@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import comfy.model_management
@@ -12,29 +11,11 @@ import folder_paths
 import torch
 
 from ..models.id_encoder import KIND_NAMES, IDEncoder, IDEncoderError, is_plus_v2_name, load_id_encoder
+from .folders import ID_ENCODERS_FOLDER, IPADAPTER_FOLDER
 
 log = logging.getLogger(__name__)
 
-ID_ENCODERS_FOLDER = "idfuse_encoders"
-IPADAPTER_FOLDER = "ipadapter"  # where ComfyUI_IPAdapter_plus users keep their FaceID files
 IPADAPTER_PREFIX = "ipadapter/"
-ENCODER_EXTENSIONS = {".safetensors", ".bin"}
-
-
-def register_encoder_folders() -> None:
-    """models/idfuse/encoders (ours) and models/ipadapter (shared with ComfyUI_IPAdapter_plus, if it is absent)."""
-    folders = {ID_ENCODERS_FOLDER: os.path.join("idfuse", "encoders"), IPADAPTER_FOLDER: "ipadapter"}
-    for name, relative in folders.items():
-        existed = name in folder_paths.folder_names_and_paths
-        if name == ID_ENCODERS_FOLDER or not existed:
-            folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, relative), is_default=True)
-        paths, known = folder_paths.folder_names_and_paths[name]
-        # An existing entry without extensions lists every file; keep it that way.
-        if known or not existed:
-            folder_paths.folder_names_and_paths[name] = (paths, set(known) | ENCODER_EXTENSIONS)
-
-
-register_encoder_folders()
 
 
 @dataclass(frozen=True)
