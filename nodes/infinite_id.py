@@ -139,6 +139,17 @@ def id_layers(encoder, embeds, family: str) -> dict[tuple[str, int, int], IDKeys
     return layers
 
 
+# Inputs both Infinite-ID nodes start with (their order is part of saved workflows).
+STREAM_INPUTS = {
+    "model": ("MODEL", {"tooltip": "An SD1.5 or SDXL model matching the ID encoder."}),
+    "positive": ("CONDITIONING", {"tooltip": "The prompt: scene, style, action. Used by both streams."}),
+    "negative": ("CONDITIONING", {"tooltip": "The negative prompt, used by both streams."}),
+    "id_encoder": ("ID_ENCODER", {"tooltip": "From IDFuse Load ID Encoder."}),
+    "id_embeds": ("ID_EMBEDS", {"tooltip": "From IDFuse Face Embed."}),
+}
+CFG_INPUT = ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                       "tooltip": "Classifier-free guidance scale, applied to each stream."})
+
 ID_INPUTS = {
     "id_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 3.0, "step": 0.05,
                             "tooltip": "w in: cross-attention = text attention + w * ID attention (ID stream only)."}),
@@ -189,13 +200,8 @@ class IDFuseInfiniteIDGuider:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "An SD1.5 or SDXL model matching the ID encoder."}),
-            "positive": ("CONDITIONING", {"tooltip": "The prompt: scene, style, action. Used by both streams."}),
-            "negative": ("CONDITIONING", {"tooltip": "The negative prompt, used by both streams."}),
-            "id_encoder": ("ID_ENCODER", {"tooltip": "From IDFuse Load ID Encoder."}),
-            "id_embeds": ("ID_EMBEDS", {"tooltip": "From IDFuse Face Embed."}),
-            "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
-                              "tooltip": "Classifier-free guidance scale, applied to each stream."}),
+            **STREAM_INPUTS,
+            "cfg": CFG_INPUT,
             **ID_INPUTS,
             "return_text_stream": ("BOOLEAN", {"default": False, "tooltip": "Also return the text stream's image "
                                                                             "(after the ID stream's, in the batch)."}),
@@ -220,17 +226,12 @@ class IDFuseInfiniteIDSampler:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "An SD1.5 or SDXL model matching the ID encoder."}),
-            "positive": ("CONDITIONING", {"tooltip": "The prompt: scene, style, action."}),
-            "negative": ("CONDITIONING", {"tooltip": "The negative prompt."}),
-            "id_encoder": ("ID_ENCODER", {"tooltip": "From IDFuse Load ID Encoder."}),
-            "id_embeds": ("ID_EMBEDS", {"tooltip": "From IDFuse Face Embed."}),
+            **STREAM_INPUTS,
             "latent_image": ("LATENT", {"tooltip": "Empty latent (or an image's latent with denoise < 1)."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
                              "tooltip": "Noise seed; both streams start from this noise."}),
             "steps": ("INT", {"default": 25, "min": 1, "max": 10000, "tooltip": "Denoising steps."}),
-            "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
-                              "tooltip": "Classifier-free guidance scale, applied to each stream."}),
+            "cfg": CFG_INPUT,
             "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"tooltip": "Sampling algorithm."}),
             "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"tooltip": "Noise schedule."}),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
