@@ -1,17 +1,17 @@
-"""The trainer's LoRA: which UNet layers it adapts (from the block table) and its file, in the
-kohya / ComfyUI key format that ComfyUI's own LoraLoader reads:
+"""The trainer's LoRA: the UNet layers it adapts (from the block table) and its file.
 
-    lora_unet_<module path with _>.lora_down.weight  (rank, in)
-    lora_unet_<module path with _>.lora_up.weight    (out, rank)
-    lora_unet_<module path with _>.alpha             ()  -> weight += up @ down * alpha / rank
+The file uses the kohya key format that ComfyUI's own LoraLoader reads, with the names ComfyUI's
+key map gives (through nodes/lora_glue.py, shared with the ID-encoder LoRA):
+
+    <kohya name>.lora_down.weight  (rank, in)
+    <kohya name>.lora_up.weight    (out, rank)
+    <kohya name>.alpha             ()  -> weight += up @ down * alpha / rank
 """
 
 from __future__ import annotations
 
 import os
 
-import comfy.lora
-import comfy.sd
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -21,6 +21,7 @@ from ..models.attention_loss import cross_attention_path
 from ..models.blocks import block_keys
 from ..models.generator import LoRAAdapter
 from ..models.id_tokens import atomic_save_safetensors
+from .lora_glue import as_kohya_state_dict, kohya_names, with_lora
 
 # UI choice -> projections of each cross-attention layer (module names inside attn2).
 LORA_TARGET_CHOICES: dict[str, tuple[str, ...]] = {
@@ -35,49 +36,43 @@ class LoRAFileError(ValueError):
     pass
 
 
-def lora_key(module_path: str) -> str:
-    return "lora_unet_" + module_path.replace(".", "_")
-
-
 def lora_layers(model, family: str, targets: tuple[str, ...]) -> dict[str, tuple[str, nn.Linear]]:
-    """LoRA key -> (module path inside the UNet, the Linear) for every cross-attention layer.
-
-    The keys are checked against ComfyUI's own LoRA key map, so a saved file loads in LoraLoader.
-    """
+    """kohya name -> (UNet weight key, the Linear) for the targets of every cross-attention layer."""
     unet = model.model.diffusion_model
-    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    names = kohya_names(model)
     layers = {}
     for block in block_keys(family):
         attention = cross_attention_path(unet, block)
         for target in targets:
             path = f"{attention}.{_PROJECTION_MODULES[target]}"
-            key = lora_key(path)
-            if key_map.get(key) != f"diffusion_model.{path}.weight":
-                raise LoRAFileError(f"ComfyUI does not map the LoRA key {key} to {path}; this ComfyUI version names "
-                                    f"LoRA layers differently. Use lora_rank 0 (tokens only).")
-            layers[key] = (path, unet.get_submodule(path))
+            weight_key = f"diffusion_model.{path}.weight"
+            if weight_key not in names:
+                raise LoRAFileError(f"ComfyUI has no LoRA name for {weight_key}; this ComfyUI version names LoRA "
+                                    f"layers differently. Use lora_rank 0 (tokens only).")
+            layers[names[weight_key]] = (weight_key, unet.get_submodule(path))
     return layers
 
 
 def new_adapters(layers: dict[str, tuple[str, nn.Linear]], rank: int, seed: int) -> nn.ModuleDict:
     rng = torch.Generator().manual_seed(seed + 7)
-    return nn.ModuleDict({key: LoRAAdapter(layer.in_features, layer.out_features, rank, generator=rng)
-                          for key, (_path, layer) in sorted(layers.items())})
+    return nn.ModuleDict({name: LoRAAdapter(layer.in_features, layer.out_features, rank, generator=rng)
+                          for name, (_key, layer) in sorted(layers.items())})
 
 
-def lora_state_dict(adapters: nn.ModuleDict) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for key, adapter in adapters.items():
-        tensors[f"{key}.lora_down.weight"] = adapter.down.detach().float().cpu().contiguous()
-        tensors[f"{key}.lora_up.weight"] = adapter.up.detach().float().cpu().contiguous()
-        tensors[f"{key}.alpha"] = torch.tensor(adapter.alpha)
-    return tensors
+def lora_weights(adapters: nn.ModuleDict, layers: dict[str, tuple[str, nn.Linear]]) -> dict[str, dict[str, torch.Tensor]]:
+    """{UNet weight key: {"down", "up", "alpha"}}, the form nodes/lora_glue.py takes."""
+    return {layers[name][0]: {"down": adapter.down.detach().float().cpu().contiguous(),
+                              "up": adapter.up.detach().float().cpu().contiguous(),
+                              "alpha": torch.tensor(adapter.alpha)}
+            for name, adapter in adapters.items()}
 
 
-def save_lora(adapters: nn.ModuleDict, path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    rank = next(iter(adapters.values())).rank
-    atomic_save_safetensors(lora_state_dict(adapters), path, {
-        **metadata, "ss_network_dim": str(rank), "ss_network_alpha": str(next(iter(adapters.values())).alpha)})
+def save_lora(model, adapters: nn.ModuleDict, layers: dict[str, tuple[str, nn.Linear]],
+              path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    first = next(iter(adapters.values()))
+    tensors = as_kohya_state_dict(model, lora_weights(adapters, layers))
+    atomic_save_safetensors(tensors, path, {**metadata, "ss_network_dim": str(first.rank),
+                                            "ss_network_alpha": str(first.alpha)})
 
 
 def load_adapters(path: str | os.PathLike, layers: dict[str, tuple[str, nn.Linear]], rank: int) -> nn.ModuleDict:
@@ -103,7 +98,6 @@ def load_adapters(path: str | os.PathLike, layers: dict[str, tuple[str, nn.Linea
     return adapters
 
 
-def model_with_lora(model, lora: dict[str, torch.Tensor], strength: float = 1.0):
-    """A clone of ``model`` with the LoRA added as ComfyUI weight patches, as LoraLoader does."""
-    patched, _clip = comfy.sd.load_lora_for_models(model, None, lora, strength, 0.0)
-    return patched
+def model_with_lora(model, adapters: nn.ModuleDict, layers: dict[str, tuple[str, nn.Linear]], strength: float = 1.0):
+    """A clone of ``model`` with the trained LoRA as ComfyUI weight patches, as LoraLoader adds them."""
+    return with_lora(model, lora_weights(adapters, layers), strength)
