@@ -136,3 +136,23 @@ def sd15_checkpoint(comfyui_path: Path, comfy_dirs: ServerDirs) -> Iterator[Path
     yield target
     if not cache:
         target.unlink(missing_ok=True)
+
+
+@pytest.fixture()
+def face_models(comfy_dirs):
+    """Synthetic antelopev2 models, a FaceID encoder of the real SD1.5 widths and a face photo (input/face.png)."""
+    import numpy as np
+    from PIL import Image
+
+    onnx_faces = pytest.importorskip("onnx_faces")
+    pytest.importorskip("insightface")
+    from ip_adapter_files import REAL, write_faceid
+
+    onnx_faces.write_model_pack(comfy_dirs.model_folder("insightface"), "antelopev2")
+    encoder = comfy_dirs.model_folder("ipadapter") / "ip-adapter-faceid_sd15.bin"
+    if not encoder.exists():
+        write_faceid(encoder, "faceid", "sd15", REAL)
+    photo = onnx_faces.tom_hanks()
+    canvas = np.full((512, 512, 3), 128, np.uint8)
+    canvas[144:368, 144:368] = np.asarray(Image.fromarray(photo).resize((224, 224), Image.BICUBIC))
+    Image.fromarray(canvas).save(comfy_dirs.input / "face.png")

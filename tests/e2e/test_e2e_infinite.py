@@ -9,22 +9,6 @@ from PIL import Image
 from .server import PACK_ROOT, load_workflow, override_inputs, ui_to_api
 
 
-@pytest.fixture()
-def face_models(comfy_dirs):
-    onnx_faces = pytest.importorskip("onnx_faces")
-    pytest.importorskip("insightface")
-    from ip_adapter_files import REAL, write_faceid
-
-    onnx_faces.write_model_pack(comfy_dirs.model_folder("insightface"), "antelopev2")
-    encoder = comfy_dirs.model_folder("ipadapter") / "ip-adapter-faceid_sd15.bin"
-    if not encoder.exists():
-        write_faceid(encoder, "faceid", "sd15", REAL)
-    photo = onnx_faces.tom_hanks()
-    canvas = np.full((512, 512, 3), 128, np.uint8)
-    canvas[144:368, 144:368] = np.asarray(Image.fromarray(photo).resize((224, 224), Image.BICUBIC))
-    Image.fromarray(canvas).save(comfy_dirs.input / "face.png")
-
-
 @pytest.mark.parametrize("workflow", ["idfuse_infinite_id.json", "idfuse_infinite_id_styles.json"])
 def test_e2e_infinite_id_example_workflows(comfy_client, sd15_checkpoint, face_models, workflow):
     api = ui_to_api(load_workflow(PACK_ROOT / "example_workflows" / workflow), comfy_client.object_info())

@@ -1,0 +1,55 @@
+"""End to end: the trainer example workflow in a real ComfyUI server, then its files in core's LoraLoader."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from .server import PACK_ROOT, load_workflow, override_inputs, ui_to_api
+
+WORKFLOW = PACK_ROOT / "example_workflows" / "idfuse_train_identity.json"
+
+
+def test_e2e_trainer_workflow_then_lora_loader(comfy_client, comfy_server, comfy_dirs, sd15_checkpoint, face_models):
+    api = ui_to_api(load_workflow(WORKFLOW), comfy_client.object_info())
+    override_inputs(api, "CheckpointLoaderSimple", ckpt_name=sd15_checkpoint.name)
+    override_inputs(api, "IDFuseTrainIdentity", steps=2, resolution=64, lora_rank=4, save_name="e2e_identity",
+                    checkpoint_every=0)
+    override_inputs(api, "EmptyLatentImage", width=64, height=64)
+    override_inputs(api, "KSampler", steps=2)
+    outputs = comfy_client.run(api, timeout=1200)
+    images = [item for node in outputs.values() for item in node.get("images", [])]
+    assert len(images) >= 3  # loss curve, attention maps, generated image
+
+    tokens = comfy_dirs.model_folder("idfuse/tokens") / "e2e_identity.safetensors"
+    lora = comfy_dirs.model_folder("loras") / "e2e_identity.safetensors"
+    report = json.loads((comfy_dirs.model_folder("idfuse/tokens") / "e2e_identity.report.json").read_text())
+    assert tokens.exists() and lora.exists()
+    assert report["steps_done"] == 2
+
+    # The saved files, used the ordinary way: core's LoraLoader and the token nodes.
+    info = comfy_client.object_info()
+    assert "e2e_identity.safetensors" in info["LoraLoader"]["input"]["required"]["lora_name"][0]
+    graph = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": sd15_checkpoint.name}},
+        "lora": {"class_type": "LoraLoader", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "lora_name": lora.name,
+                                                         "strength_model": 1.0, "strength_clip": 1.0}},
+        "tokens": {"class_type": "IDFuseLoadIDTokens", "inputs": {"tokens_name": tokens.name}},
+        "encode": {"class_type": "IDFuseEncodeWithID", "inputs": {"clip": ["lora", 1], "id_tokens": ["tokens", 0],
+                                                                  "text": "an old sks person, oil painting"}},
+        "negative": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["lora", 1], "text": "blurry"}},
+        "apply": {"class_type": "IDFuseApplyIDTokens", "inputs": {"model": ["lora", 0], "conditioning": ["encode", 0],
+                                                                  "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "sample": {"class_type": "KSampler", "inputs": {"model": ["apply", 0], "positive": ["encode", 0],
+                                                        "negative": ["negative", 0], "latent_image": ["latent", 0],
+                                                        "seed": 1, "steps": 2, "cfg": 5.0, "sampler_name": "euler",
+                                                        "scheduler": "normal", "denoise": 1.0}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "e2e_trained"}},
+    }
+    (path,) = comfy_client.output_files(comfy_client.run(graph, timeout=600))
+    assert np.asarray(Image.open(path)).shape == (64, 64, 3)
+    assert "lora key not loaded" not in comfy_server.log_text()
