@@ -451,10 +451,20 @@ def autograd_safe_residuals(*modules: nn.Module) -> Iterator[None]:
             handle.remove()
 
 
+def _normal_alias(tensor: torch.Tensor) -> torch.Tensor:
+    """A normal tensor on the same memory as an inference tensor: autograd may save it, and
+    nothing is copied (a copy of SD1.5's weights would cost gigabytes). The frozen weights are
+    not written during training, so sharing their storage is safe."""
+    with torch.inference_mode(False):
+        alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+        return alias.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
+
+
 @contextmanager
 def without_inference_tensors(*modules: nn.Module) -> Iterator[None]:
     """Swap weights created under torch.inference_mode (ComfyUI loads models there) for normal
-    copies, which autograd may save for the backward pass; the originals come back afterwards."""
+    tensors sharing their memory, which autograd may save for the backward pass; the originals
+    come back afterwards."""
     swapped: list[tuple[nn.Module, str, bool, torch.Tensor]] = []
     try:
         for root in modules:
@@ -462,13 +472,13 @@ def without_inference_tensors(*modules: nn.Module) -> Iterator[None]:
                 for name, param in list(module._parameters.items()):
                     if param is not None and param.is_inference():
                         swapped.append((module, name, True, param))
-                        module._parameters[name] = nn.Parameter(param.clone(), requires_grad=False)
+                        module._parameters[name] = nn.Parameter(_normal_alias(param), requires_grad=False)
                 for name, buffer in list(module._buffers.items()):
                     if buffer is not None and buffer.is_inference():
                         swapped.append((module, name, False, buffer))
-                        module._buffers[name] = buffer.clone()
+                        module._buffers[name] = _normal_alias(buffer)
         if swapped:
-            log.info("IDFuse trainer: copied %d inference-mode tensors so autograd can use them", len(swapped))
+            log.info("IDFuse trainer: %d inference-mode tensors aliased so autograd can use them", len(swapped))
         yield
     finally:
         for module, name, is_param, original in reversed(swapped):

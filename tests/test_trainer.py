@@ -403,6 +403,8 @@ def test_training_through_weights_made_in_inference_mode():
         layer(x).sum().backward()
     weight = layer.weight
     with without_inference_tensors(layer):
+        assert layer.weight.data_ptr() == weight.data_ptr()  # shares the memory: nothing copied
+        assert not layer.weight.is_inference()
         layer(x).sum().backward()
         assert x.grad is not None
     assert layer.weight is weight
