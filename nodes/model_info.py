@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..models.attention_loss import cross_attention_path
 from ..models.blocks import UnsupportedModelError, block_keys, family_from_context_dim
 
 
@@ -28,9 +29,5 @@ def clip_family(tokens: dict) -> str:
 def cross_attention_widths(model) -> dict[tuple[str, int, int], int]:
     """Inner width of each cross-attention layer of a ComfyUI UNet, by block key."""
     unet = model.model.diffusion_model
-    parts = {"input": unet.input_blocks, "output": unet.output_blocks}
-    widths = {}
-    for key in block_keys(model_family(model)):
-        container = unet.middle_block if key.block == "middle" else parts[key.block][key.block_id]
-        widths[key.key] = container[1].transformer_blocks[key.index].attn2.to_k.out_features
-    return widths
+    return {key.key: unet.get_submodule(cross_attention_path(unet, key)).to_k.out_features
+            for key in block_keys(model_family(model))}
