@@ -9,9 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import re
-import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -20,28 +17,19 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 import torch
-from comfy.ldm.modules.attention import optimized_attention
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from ..models.attention_loss import (
-    ATTENTION_MODES,
-    MASK_MODES,
-    REFERENCE_MODES,
-    AttentionProbes,
-    cross_attention_path,
-    render_attention_panels,
-)
-from ..models.blocks import FAMILY_NAMES, select_layers
+from ..models.attention_loss import ATTENTION_MODES, MASK_MODES, REFERENCE_MODES, render_attention_panels
+from ..models.blocks import FAMILY_NAMES
 from ..models.generator import GeneratorConfig, IDTokenGenerator, lora_hooks
-from ..models.id_tokens import ENCODERS, IDTokens, atomic_save_safetensors, load_id_tokens
+from ..models.id_tokens import ENCODERS, IDTokens, atomic_save_safetensors
+from ..models.train_context import training_context
 from ..models.trainer import (
-    AUGMENTATIONS,
     DEFAULT_TEMPLATES,
     LR_SCHEDULES,
     TRAINING_DTYPES,
-    VALUES_CONTEXT,
     Evaluation,
     Host,
     IdentityTrainer,
@@ -50,14 +38,11 @@ from ..models.trainer import (
     TrainingData,
     TrainingError,
     TrainingSettings,
-    ValuesContextPatch,
-    prepare_photos,
-    render_loss_curve,
-    training_context,
-    training_variants,
 )
-from .folders import ID_TOKENS_FOLDER, default_folder
-from .id_encoding import single_token_id
+from ..models.training_photos import AUGMENTATIONS, prepare_photos, training_variants
+from ..models.training_plots import render_loss_curve
+from .face_masks import face_masks
+from .folders import ID_TOKENS_FOLDER
 from .lora_files import (
     LORA_TARGET_CHOICES,
     load_adapters,
@@ -66,319 +51,22 @@ from .lora_files import (
     new_adapters,
     save_lora,
 )
-from .model_info import TOKENIZER_KEYS, clip_family, model_family
+from .model_info import clip_family, model_family
+from .training_files import (
+    NO_RESUME,
+    TRAINER_FORMAT,
+    OutputFiles,
+    atomic_write_text,
+    check_resumable,
+    resume_source,
+)
+from .training_models import Denoiser, SplicingTextEncoder, autocast_dtype, model_extra_conds, patched_clone
 
 log = logging.getLogger(__name__)
 
 CATEGORY = "IDFuse/training"
-TRAINER_FORMAT = "idfuse.trainer"
-NO_RESUME = "none"
 LOSS_LAYER_CHOICES: dict[str, tuple[int, ...] | None] = {
     "2, 4": (2, 4), "4": (4,), "2": (2,), "1, 2, 4": (1, 2, 4), "all": None}
-_SAVE_NAME = re.compile(r"^[\w\-. ]+$")
-
-
-# --- files ------------------------------------------------------------------------------------
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Temporary file in the same folder, then rename: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-class OutputFiles:
-    """Where one identity's files go: tokens (+ training state + report) and the LoRA."""
-
-    def __init__(self, save_name: str):
-        if not _SAVE_NAME.match(save_name) or save_name.startswith("."):
-            raise TrainingError(f"save_name '{save_name}' is not a plain file name; use letters, digits, '-', '_' "
-                                f"or '.', without folders.")
-        tokens_dir = Path(default_folder(ID_TOKENS_FOLDER))
-        self.tokens = tokens_dir / f"{save_name}.safetensors"
-        self.state = tokens_dir / f"{save_name}.trainstate"
-        self.report = tokens_dir / f"{save_name}.report.json"
-        self.lora = Path(folder_paths.get_folder_paths("loras")[0]) / f"{save_name}.safetensors"
-
-    def check_free(self, resume_path: str | None, with_lora: bool) -> None:
-        resuming_this = resume_path is not None and os.path.abspath(resume_path) == os.path.abspath(self.tokens)
-        if resuming_this:
-            return
-        taken = [p for p in ([self.tokens] + ([self.lora] if with_lora else [])) if p.exists()]
-        if taken:
-            raise TrainingError(f"save_name '{self.tokens.stem}': {', '.join(str(p) for p in taken)} already exists. "
-                                f"Choose another save_name, or pick {self.tokens.name} in resume_from to continue "
-                                f"training it.")
-
-
-# --- the frozen models as the trainer's callables ----------------------------------------------
-
-
-def _template_text(template: str, word: str, index: int) -> str:
-    if template.count("{}") != 1:
-        raise TrainingError(f"Prompt template {index + 1} '{template}' must contain '{{}}' exactly once (where the "
-                            f"placeholder goes), e.g. 'a photo of the face of {{}}'.")
-    return template.replace("{}", word)
-
-
-class SplicingTextEncoder:
-    """Encodes prompts with ComfyUI's CLIP, the placeholder's input-embedding rows replaced by vectors.
-
-    The placeholder stays an ordinary token id; a forward hook on each text encoder's token
-    embedding swaps its output rows at that id for the given vector (out of place, so autograd
-    reaches the vector). ComfyUI's own "tensor instead of token id" path copies vectors in place in
-    the late-2024 core and would cut the gradient.
-    """
-
-    def __init__(self, clip, family: str, settings: TrainingSettings):
-        self.clip = clip
-        self.names = TOKENIZER_KEYS[family]  # tokenizer key -> encoder name
-        self.placeholder_ids = {k: single_token_id(clip, settings.placeholder, k, "placeholder") for k in self.names}
-        self.initializer_ids = {k: single_token_id(clip, settings.initializer, k, "initialiser") for k in self.names}
-        if self.placeholder_ids == self.initializer_ids:
-            raise TrainingError("The placeholder and the initialiser are the same word; the placeholder must be a "
-                                "new, rare word such as 'sks'.")
-        self.embeddings = {name: getattr(clip.cond_stage_model, name).transformer.get_input_embeddings()
-                           for name in self.names.values()}
-        self.tokens = [clip.tokenize(_template_text(t, settings.placeholder, i)) for i, t in enumerate(settings.templates)]
-        self.reference_tokens = [clip.tokenize(_template_text(t, settings.initializer, i))
-                                 for i, t in enumerate(settings.templates)]
-        self.placeholder_positions = self._positions(self.tokens, self.placeholder_ids, settings)
-        self.reference_positions = self._positions(self.reference_tokens, self.initializer_ids, settings)
-        self._vectors: dict[str, torch.Tensor] | None = None
-
-    def _positions(self, all_tokens: list[dict], ids: dict[str, int], settings: TrainingSettings) -> torch.Tensor:
-        positions = []
-        for index, tokens in enumerate(all_tokens):
-            found = set()
-            for key, chunks in tokens.items():
-                if len(chunks) != 1:
-                    raise TrainingError(f"Prompt template {index + 1} '{settings.templates[index]}' is longer than one "
-                                        f"77-token chunk; use a shorter template.")
-                hits = [i for i, t in enumerate(chunks[0]) if isinstance(t[0], int) and t[0] == ids[key]]
-                if len(hits) != 1:
-                    raise TrainingError(f"Prompt template {index + 1} '{settings.templates[index]}' holds the word "
-                                        f"{len(hits)} times after tokenising; write the placeholder only once.")
-                found.add(hits[0])
-            if len(found) != 1:
-                raise TrainingError(f"Prompt template {index + 1}: the text encoders put the word at different "
-                                    f"positions {sorted(found)}.")
-            positions.append(found.pop())
-        return torch.tensor(positions)
-
-    def initializer_embeddings(self) -> dict[str, torch.Tensor]:
-        return {name: self.embeddings[name].weight[self.initializer_ids[key]].detach().float().cpu().clone()
-                for key, name in self.names.items()}
-
-    def hooks(self) -> ExitStack:
-        stack = ExitStack()
-        for key, name in self.names.items():
-            handle = self.embeddings[name].register_forward_hook(self._hook(name, self.placeholder_ids[key]))
-            stack.callback(handle.remove)
-        return stack
-
-    def _hook(self, name: str, token_id: int):
-        def hook(_module, args, output):
-            if self._vectors is None:
-                return None
-            rows = args[0] == token_id
-            if not bool(rows.any()):
-                return None
-            spliced = output.clone()
-            spliced[rows] = self._vectors[name].to(device=output.device, dtype=output.dtype)
-            return spliced
-        return hook
-
-    def encode(self, template: int, vectors: dict[str, torch.Tensor]) -> torch.Tensor:
-        self._vectors = vectors
-        try:
-            return self.clip.encode_from_tokens(self.tokens[template])
-        finally:
-            self._vectors = None
-
-    def encode_reference(self, template: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The prompt with the initialiser word: the v2 reference prompt, and (SDXL) the pooled output
-        that IDFuse Encode With ID also takes from the plain prompt."""
-        with torch.no_grad():
-            cond, pooled = self.clip.encode_from_tokens(self.reference_tokens[template], return_pooled=True)
-        return cond.float(), None if pooled is None else pooled.float()
-
-
-class Denoiser:
-    """x0 prediction of the patched model clone through ComfyUI's own apply_model (its model_sampling,
-    its extra conditioning), keys from one context and values from another."""
-
-    def __init__(self, patched, extra_conds: list[dict[str, torch.Tensor]]):
-        self.patched = patched
-        self.extra_conds = extra_conds
-
-    def __call__(self, x, sigma, keys_context, values_context, templates: list[int]) -> torch.Tensor:
-        options = dict(self.patched.model_options.get("transformer_options", {}))
-        options.update({VALUES_CONTEXT: values_context, "cond_or_uncond": [0], "sigmas": sigma})
-        extra = {name: torch.cat([self.extra_conds[t][name] for t in templates]).to(x.device)
-                 for name in self.extra_conds[templates[0]]}
-        return self.patched.model.apply_model(x, sigma, c_crossattn=keys_context, transformer_options=options, **extra)
-
-
-def patched_clone(model, family: str, settings: TrainingSettings) -> tuple[object, AttentionProbes]:
-    """A clone of MODEL with the values patch on every cross-attention layer and explicit-attention
-    probes on the loss layers; the input MODEL keeps its options."""
-    layers = select_layers(family, settings.loss_downscales)
-    if not layers:
-        raise TrainingError(f"loss_layers {settings.loss_downscales}: {FAMILY_NAMES[family]} has no cross-attention "
-                            f"at those downscales; SD1.5 has 1, 2, 4 (and 8 in the middle), SDXL 2 and 4.")
-    unet = model.model.diffusion_model
-    to_k = {key: unet.get_submodule(cross_attention_path(unet, key)).to_k for key in layers}
-    probes = AttentionProbes(to_k, optimized_attention, detach_reference=settings.detach_reference)
-    patched = model.clone()
-    existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
-    if any(key.key in existing for key in layers):
-        log.warning("IDFuse trainer: the model already replaces attention on some loss layers; the trainer's "
-                    "probes take their place during training.")
-    patched.set_model_attn2_patch(ValuesContextPatch())
-    for key in layers:
-        patched.set_model_attn2_replace(probes.replace_patch(key), *key.key)
-    return patched, probes
-
-
-def _extra_conds(patched, pooled: torch.Tensor | None, size: tuple[int, int], device) -> dict[str, torch.Tensor]:
-    """The model's own extra conditioning (SDXL: pooled text + size embedding 'y'); empty for SD1.5."""
-    kwargs = {"width": size[1], "height": size[0], "device": device}
-    if pooled is not None:
-        kwargs["pooled_output"] = pooled
-    conds = patched.model.extra_conds(**kwargs)
-    unsupported = set(conds) - {"y"}
-    if unsupported:
-        raise TrainingError(f"This model needs extra inputs {sorted(unsupported)} (an inpainting or edit model?); "
-                            f"train on a plain SD1.5 or SDXL checkpoint.")
-    return {name: cond.cond for name, cond in conds.items()}
-
-
-def _autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    if name == "bfloat16":
-        return torch.bfloat16
-    if name == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
-
-
-# --- face masks when none are given ------------------------------------------------------------
-
-HAAR_CASCADE = "haarcascade_frontalface_default.xml"
-
-
-def ellipse_mask(height: int, width: int, box: tuple[float, float, float, float]) -> torch.Tensor:
-    """A face mask from a detector's box (x1, y1, x2, y2): an ellipse a little taller than the box,
-    which covers forehead and chin that detector boxes cut off."""
-    x1, y1, x2, y2 = box
-    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    rx, ry = max((x2 - x1) * 0.55, 1.0), max((y2 - y1) * 0.65, 1.0)
-    ys = torch.arange(height, dtype=torch.float32).view(-1, 1) + 0.5
-    xs = torch.arange(width, dtype=torch.float32).view(1, -1) + 0.5
-    return ((((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2) <= 1.0).float()
-
-
-def _haar_detector():
-    """OpenCV's bundled frontal-face cascade, or None where this OpenCV has none (OpenCV 5 dropped them)."""
-    try:
-        import cv2
-    except ImportError:
-        return None
-    if not hasattr(cv2, "CascadeClassifier") or not hasattr(cv2, "data"):
-        return None
-    cascade = cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades, HAAR_CASCADE))
-    if cascade.empty():
-        return None
-
-    def detect(rgb) -> tuple[float, float, float, float] | None:
-        grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-        side = max(16, min(grey.shape) // 10)
-        found = cascade.detectMultiScale(grey, scaleFactor=1.1, minNeighbors=5, minSize=(side, side))
-        if len(found) == 0:
-            return None
-        x, y, w, h = max(found, key=lambda f: f[2] * f[3])
-        return (float(x), float(y), float(x + w), float(y + h))
-    return detect
-
-
-def _insightface_detector(analysis):
-    from ..models.face_analysis import detect_faces, detection_sizes
-
-    sizes = detection_sizes(analysis)
-
-    def detect(rgb) -> tuple[float, float, float, float] | None:
-        faces = detect_faces(analysis, rgb, sizes)
-        if len(faces) == 0:
-            return None
-        return tuple(float(v) for v in faces.boxes[int(faces.areas.argmax())])
-    return detect
-
-
-def face_masks(photos: torch.Tensor, face_analysis, required: bool) -> torch.Tensor | None:
-    """Face masks (P, H, W) for photos without a MASK input: insightface if connected, else OpenCV's
-    Haar cascade. ``required``: the attention loss needs them, so failing is an error; otherwise the
-    report just has no face share."""
-    detect = _insightface_detector(face_analysis) if face_analysis is not None else _haar_detector()
-    if detect is None:
-        if required:
-            raise TrainingError(
-                "No face masks: the masks input is not connected and no face detector is available. Connect face "
-                "masks (white face) to 'masks', or IDFuse Load Face Analysis to 'face_analysis', or install an "
-                "OpenCV that ships Haar cascades (pip install \"opencv-python-headless<5\"), or use attention_mode "
-                "reference_prompt, which needs no mask.")
-        log.info("IDFuse trainer: no masks and no face detector; the report will have no face share.")
-        return None
-    height, width = photos.shape[1:3]
-    masks, missing = [], []
-    for index, photo in enumerate(photos):
-        box = detect((photo.numpy() * 255).round().astype("uint8"))
-        if box is None:
-            missing.append(index + 1)
-        else:
-            masks.append(ellipse_mask(height, width, box))
-    if missing:
-        if required:
-            raise TrainingError(f"No face found in photo(s) {missing} of {len(photos)}. Use photos with a clear, "
-                                f"frontal face, connect face masks to 'masks', or use attention_mode "
-                                f"reference_prompt, which needs no mask.")
-        log.info("IDFuse trainer: no face found in photo(s) %s; the report will have no face share.", missing)
-        return None
-    return torch.stack(masks)
-
-
-# --- resuming ---------------------------------------------------------------------------------
-
-
-def _resume_source(resume_from: str) -> tuple[str | None, IDTokens | None]:
-    if resume_from == NO_RESUME:
-        return None, None
-    path = folder_paths.get_full_path(ID_TOKENS_FOLDER, resume_from)
-    if path is None:
-        raise TrainingError(f"resume_from '{resume_from}' is not in models/idfuse/tokens; refresh the page.")
-    return path, load_id_tokens(path)
-
-
-def _check_resumable(tokens: IDTokens, settings: TrainingSettings, family: str) -> dict:
-    training = tokens.training
-    if training.get("format") != TRAINER_FORMAT or not tokens.generator:
-        raise TrainingError(f"resume_from {tokens.source}: the file holds no trainer state (it was not made by IDFuse "
-                            f"Train Identity, or without its generator); start a new run.")
-    tokens.check_family(family)
-    previous = training["settings"]
-    for name in ("placeholder", "initializer", "num_stages", "lora_rank", "lora_targets", "generator_width"):
-        now = settings.to_dict()[name]
-        if previous.get(name) != now:
-            raise TrainingError(f"resume_from {tokens.source} was trained with {name} = {previous.get(name)!r}, this "
-                                f"run has {now!r}; set {name} as in that run to resume it.")
-    return training
 
 
 # --- the node ---------------------------------------------------------------------------------
@@ -479,7 +167,7 @@ class IDFuseTrainIdentity:
             "masks": ("MASK", {"tooltip": "Face masks, one per photo (or one for all), 1 = face. Resized to the "
                                "photos. Without them a face detector makes them."}),
             "face_analysis": ("FACE_ANALYSIS", {"tooltip": "insightface face analysis (IDFuse Load Face Analysis) to "
-                                                "find faces when no masks are given; else OpenCV's Haar cascade."}),
+                                                "find faces when no masks are given; else the built-in frontal-face cascade."}),
         }}
 
     def train(self, model, clip, vae, images, placeholder: str, initializer: str, num_stages: int, steps: int,
@@ -546,7 +234,7 @@ class TrainingRun:
                                 "SDXL checkpoint.")
         self.model, self.clip, self.vae, self.settings = model, clip, vae, settings
         self.files = OutputFiles(save_name)
-        self.resume_path, self.resume_tokens = _resume_source(resume_from)
+        self.resume_path, self.resume_tokens = resume_source(resume_from)
         self.files.check_free(self.resume_path, settings.lora_rank > 0)
         self.training_meta: dict = {}
 
@@ -577,7 +265,7 @@ class TrainingRun:
                                  width=s.generator_width)
         if self.resume_tokens is None:
             return IDTokenGenerator(config, text.initializer_embeddings(), seed=s.seed)
-        training = _check_resumable(self.resume_tokens, s, self.family)
+        training = check_resumable(self.resume_tokens, s, self.family)
         config = GeneratorConfig.from_dict(training["generator"])
         stored = self.resume_tokens.generator
         generator = IDTokenGenerator(config, {n: stored[f"initializer.{n}"] for n in config.encoders}, seed=s.seed)
@@ -604,7 +292,7 @@ class TrainingRun:
         for template in range(len(self.settings.templates)):
             cond, pooled = text.encode_reference(template)
             contexts.append(cond)
-            extra_conds.append(_extra_conds(patched, pooled, pixel_size, device))
+            extra_conds.append(model_extra_conds(patched, pooled, pixel_size, device))
         reference = self.settings.attention_mode in REFERENCE_MODES
         table = PromptTable(text.placeholder_positions,
                             torch.cat(contexts) if reference else None,
@@ -672,7 +360,7 @@ class TrainingRun:
             host = Host(encode=text.encode, denoise=Denoiser(patched, extra_conds),
                         model_sampling=patched.get_model_object("model_sampling"), device=device,
                         check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
-                        autocast_dtype=_autocast_dtype(s.training_dtype, device))
+                        autocast_dtype=autocast_dtype(s.training_dtype, device))
             trainer = IdentityTrainer(s, host, data, prompts, probes, generator, adapters)
             first_step = self._resume_state(trainer)
             before = trainer.evaluate(share_masks)

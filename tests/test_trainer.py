@@ -14,13 +14,12 @@ from factories import init_weights, make_clip, make_model
 from comfyui_idfuse.models import attention_loss
 from comfyui_idfuse.models.blocks import select_layers
 from comfyui_idfuse.models.id_tokens import load_id_tokens
-from comfyui_idfuse.models.trainer import (
-    IdentityTrainer,
-    TrainingError,
-    prepare_photos,
-    without_inference_tensors,
-)
-from comfyui_idfuse.nodes.trainer import NODE_CLASS_MAPPINGS, IDFuseTrainIdentity, ellipse_mask, face_masks
+from comfyui_idfuse.models.face_masks import ellipse_mask
+from comfyui_idfuse.models.train_context import without_inference_tensors
+from comfyui_idfuse.models.trainer import IdentityTrainer, TrainingError
+from comfyui_idfuse.models.training_photos import prepare_photos
+from comfyui_idfuse.nodes.face_masks import face_masks
+from comfyui_idfuse.nodes.trainer import NODE_CLASS_MAPPINGS, IDFuseTrainIdentity
 
 SIZE = 128  # photos -> 16x16 latents: layers of 8x8 (downscale 2) and 4x4 (downscale 4)
 
