@@ -29,15 +29,19 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
-def prepare_photos(images: torch.Tensor, masks: torch.Tensor | None, resolution: int
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Photos at training size (P, H, W, 3) in [0, 1], and face masks (P, H, W) resized to them."""
+def rgb_photos(images: torch.Tensor) -> torch.Tensor:
+    """A checked IMAGE batch as RGB float on the CPU (P, H, W, 3): alpha dropped, grey expanded."""
     if images.ndim != 4 or images.shape[0] == 0 or images.shape[-1] not in (1, 3, 4):
         raise TrainingError(f"images: expected a batch of photos [count, height, width, channels], got shape "
                             f"{tuple(images.shape)}.")
     pixels = images[..., :3].float().cpu()
-    if pixels.shape[-1] == 1:
-        pixels = pixels.expand(-1, -1, -1, 3)
+    return pixels.expand(-1, -1, -1, 3) if pixels.shape[-1] == 1 else pixels
+
+
+def prepare_photos(images: torch.Tensor, masks: torch.Tensor | None, resolution: int
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Photos at training size (P, H, W, 3) in [0, 1], and face masks (P, H, W) resized to them."""
+    pixels = rgb_photos(images)
     count, height, width = pixels.shape[:3]
     size = training_size(height, width, resolution)
     photos = _resize(pixels.movedim(-1, 1), size).movedim(1, -1).clamp(0, 1).contiguous()

@@ -242,10 +242,9 @@ class TrainingRun:
 
     def _data(self, images, masks, face_analysis) -> tuple[torch.Tensor, TrainingData, torch.Tensor | None]:
         s = self.settings
+        if masks is None:  # found on the photos as given: faces are easier to see before shrinking
+            masks = face_masks(images, face_analysis, required=s.attention_mode in MASK_MODES)
         photos, photo_masks = prepare_photos(images, masks, s.resolution)
-        if photo_masks is None:
-            needed = s.attention_mode in MASK_MODES
-            photo_masks = face_masks(photos, face_analysis, required=needed)
         pixels, variant_masks, originals = training_variants(photos, photo_masks, s.augmentation, s.seed)
         # No graph through the VAE (its weights get no gradients); ComfyUI's VAE samples its posterior,
         # so the draw is seeded (without touching the global random state) to make runs repeatable.

@@ -78,6 +78,17 @@ def _tiny_text_config(width: int, tmp: Path) -> str:
     return str(path)
 
 
+def tiny_vae(seed: int = 3):
+    """A ComfyUI VAE (AutoencoderKL, factor 8) with 32 channels and one block per level."""
+    import comfy.sd
+
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+                "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    vae = comfy.sd.VAE(sd={}, config={"params": {"embed_dim": 4, "ddconfig": ddconfig}})
+    init_weights(vae.first_stage_model, seed)
+    return vae
+
+
 def make_clip(family: str, tokenizer_dir: Path, seed: int = 0):
     """A ComfyUI CLIP object with the family's tokenizers and text-encoder widths (2 narrow layers)."""
     import comfy.sd

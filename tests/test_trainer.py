@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import init_weights, make_clip, make_model
+from factories import make_clip, make_model, tiny_vae
 
 from comfyui_idfuse.models import attention_loss
 from comfyui_idfuse.models.blocks import select_layers
-from comfyui_idfuse.models.id_tokens import load_id_tokens
 from comfyui_idfuse.models.face_masks import ellipse_mask
+from comfyui_idfuse.models.id_tokens import load_id_tokens
 from comfyui_idfuse.models.train_context import without_inference_tensors
 from comfyui_idfuse.models.trainer import IdentityTrainer, TrainingError
 from comfyui_idfuse.models.training_photos import prepare_photos
@@ -22,17 +22,6 @@ from comfyui_idfuse.nodes.face_masks import face_masks
 from comfyui_idfuse.nodes.trainer import NODE_CLASS_MAPPINGS, IDFuseTrainIdentity
 
 SIZE = 128  # photos -> 16x16 latents: layers of 8x8 (downscale 2) and 4x4 (downscale 4)
-
-
-def tiny_vae(seed: int = 3):
-    """A ComfyUI VAE (AutoencoderKL, factor 8) with 32 channels and one block per level."""
-    import comfy.sd
-
-    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
-                "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
-    vae = comfy.sd.VAE(sd={}, config={"params": {"embed_dim": 4, "ddconfig": ddconfig}})
-    init_weights(vae.first_stage_model, seed)
-    return vae
 
 
 def face_photos(count: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
