@@ -7,7 +7,8 @@ probes follow ComfyUI's replace-patch signature ``f(q, k, v, extra_options) -> o
 nothing from it.
 
 Losses (METHOD.md §1):
-    face_mask         mean(A·background) − mean(A·face), the mask resized to each layer's grid
+    face_mask         mean of A over the background − mean of A over the face (region means, as
+                      FastComposer's localisation loss), the mask resized to each layer's grid
     reference_prompt  MSE(A_t, A_r): A_t = the placeholder's column with the identity prompt's keys,
                       A_r = the initialiser's column with the reference prompt's keys, both from the
                       same query Q of the same pass (A_r detached by default)
@@ -172,11 +173,20 @@ def masks_on_grid(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 def face_mask_loss(records: Sequence[LayerRecord], masks: torch.Tensor) -> torch.Tensor:
-    """mean(A·background) − mean(A·face) per layer, averaged over the layers."""
+    """mean(A over the background) − mean(A over the face), per photo and layer, averaged.
+
+    The means are over each region (FastComposer's localisation loss), not over the whole map: a
+    whole-map mean of A·background outweighs A·face by the background's larger area, so it falls
+    fastest by silencing the token everywhere rather than by moving its attention onto the face.
+    Region means make attention spread evenly cost nothing; only moving it onto the face pays.
+    """
     losses = []
     for record in records:
         face = masks_on_grid(masks, record.grid).to(record.target.device)
-        losses.append((record.target * (1 - face)).mean() - (record.target * face).mean())
+        background = 1 - face
+        face_mean = (record.target * face).sum(1) / face.sum(1).clamp_min(1e-6)
+        background_mean = (record.target * background).sum(1) / background.sum(1).clamp_min(1e-6)
+        losses.append((background_mean - face_mean).mean())
     return torch.stack(losses).mean()
 
 

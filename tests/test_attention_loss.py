@@ -104,3 +104,20 @@ def test_face_mask_loss_and_share_point_the_right_way():
         attention_loss("face_mask", [_record(on_face)], None)
     with pytest.raises(ValueError, match="Unknown attention-loss mode"):
         attention_loss("faces", [_record(on_face)], mask)
+
+
+def test_face_mask_loss_is_the_difference_of_region_means():
+    gen = torch.Generator().manual_seed(0)
+    attention = torch.rand(2, 4, 4, generator=gen)
+    masks = torch.zeros(2, 16, 16)
+    masks[0, 4:12, 4:12] = 1  # 4 of 16 cells
+    masks[1, 0:8, 0:16] = 1  # 8 of 16 cells
+    expected = []
+    for a, cells in ((attention[0], attention[0][1:3, 1:3]), (attention[1], attention[1][0:2, :])):
+        face_mean = cells.mean()
+        background_mean = (a.sum() - cells.sum()) / (16 - cells.numel())
+        expected.append(background_mean - face_mean)
+    torch.testing.assert_close(face_mask_loss([_record(attention)], masks), torch.stack(expected).mean())
+    # attention spread evenly costs nothing, however strong: only moving it onto the face lowers the loss
+    for level in (0.01, 0.5):
+        assert float(face_mask_loss([_record(torch.full((2, 4, 4), level))], masks)) == pytest.approx(0.0, abs=1e-7)
