@@ -44,7 +44,10 @@ DEFAULT_TEMPLATES = (
     "a good photo of the face of {}",
 )
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
-TRAINING_DTYPES = ("auto", "float32", "bfloat16")
+TRAINING_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Steps in a row that float16 loss scaling may skip for overflowing gradients before training stops:
+# each skip halves the scale, so by then the gradients overflow at a scale of 2**-4 or less.
+MAX_SKIPPED_STEPS = 20
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,9 @@ class Host:
     device: torch.device
     check_interrupt: Callable[[], None] = lambda: None
     autocast_dtype: torch.dtype | None = None
+    # The model computes in float16 (autocast, or float16 weights): gradients would underflow, so the
+    # loss is scaled (torch.amp.GradScaler) and steps with overflowing gradients are skipped.
+    loss_scaling: bool = False
 
 
 @dataclass
@@ -224,6 +230,8 @@ class IdentityTrainer:
         self.optimizer = torch.optim.AdamW(self.parameters(), lr=settings.learning_rate, weight_decay=0.0)
         self.scheduler = make_lr_scheduler(settings.lr_schedule, self.optimizer, settings.warmup_steps,
                                            settings.steps)
+        self.scaler = torch.amp.GradScaler(host.device.type) if host.loss_scaling else None
+        self.skipped_steps = 0  # in a row, by loss scaling
         self.step = 0
         self.history = LossHistory()
         sampling = host.model_sampling
@@ -309,16 +317,14 @@ class IdentityTrainer:
                 if not torch.isfinite(total):
                     raise NonFiniteLossError(step, "loss", {"diffusion": float(diffusion.detach()),
                                                             "attention": float(attention.detach())})
-                (total / s.gradient_accumulation).backward()
+                share = total / s.gradient_accumulation
+                (share if self.scaler is None else self.scaler.scale(share)).backward()
                 diffusion_sum += float(diffusion.detach())
                 attention_sum += float(attention.detach())
         finally:
             self.probes.end()
-        for param in self.parameters():
-            if param.grad is not None and not torch.isfinite(param.grad).all():
-                raise NonFiniteLossError(step, "gradient", {"diffusion": diffusion_sum, "attention": attention_sum})
         learning_rate = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        self._optimizer_step(step, {"diffusion": diffusion_sum, "attention": attention_sum})
         if self.scheduler is not None:
             self.scheduler.step()
         self.step = step
@@ -327,6 +333,26 @@ class IdentityTrainer:
                             (diffusion_sum + s.attention_weight * attention_sum) / n, learning_rate)
         self.history.steps.append(losses)
         return losses
+
+    def _optimizer_step(self, step: int, losses: dict[str, float]) -> None:
+        """The optimiser step; with loss scaling, a step whose gradients overflowed is skipped (and the
+        scale halved), as mixed-precision training does; without it, such gradients are an error."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.parameters())
+        if self.scaler is None:
+            if not finite:
+                raise NonFiniteLossError(step, "gradient", losses)
+            self.optimizer.step()
+            return
+        self.scaler.step(self.optimizer)  # skips the update when the gradients are not finite
+        self.scaler.update()
+        self.skipped_steps = 0 if finite else self.skipped_steps + 1
+        if not finite:
+            log.info("IDFuse trainer: step %d skipped, float16 gradients overflowed; loss scale now %g", step,
+                     self.scaler.get_scale())
+        if self.skipped_steps >= MAX_SKIPPED_STEPS:
+            raise NonFiniteLossError(step, f"gradient in {MAX_SKIPPED_STEPS} float16 steps in a row", losses)
 
     def run(self, on_step: Callable[[StepLosses], None] = lambda _losses: None) -> None:
         """Train up to ``settings.steps``; ``on_step`` runs after each step (progress, checkpoints)."""
@@ -384,6 +410,8 @@ class IdentityTrainer:
         tensors["history"] = self.history.to_tensor()
         metadata = {"step": str(self.step), "param_groups": json.dumps(state["param_groups"]),
                     "settings": json.dumps(self.settings.to_dict(), sort_keys=True)}
+        if self.scaler is not None:
+            metadata["loss_scaler"] = json.dumps({**self.scaler.state_dict(), "skipped_steps": self.skipped_steps})
         return tensors, metadata
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -402,6 +430,10 @@ class IdentityTrainer:
         state = {i: {k: (v if k == "step" else v.to(device)) for k, v in e.items()} for i, e in entries.items()}
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
         self.step = int(metadata["step"])
+        if self.scaler is not None and "loss_scaler" in metadata:
+            scaler_state = json.loads(metadata["loss_scaler"])
+            self.skipped_steps = scaler_state.pop("skipped_steps", 0)
+            self.scaler.load_state_dict(scaler_state)
         self.history = LossHistory.from_tensor(tensors["history"]) if "history" in tensors else LossHistory()
         if self.scheduler is not None:
             with warnings.catch_warnings():

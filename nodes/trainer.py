@@ -60,7 +60,13 @@ from .training_files import (
     check_resumable,
     resume_source,
 )
-from .training_models import Denoiser, SplicingTextEncoder, autocast_dtype, model_extra_conds, patched_clone
+from .training_models import (
+    Denoiser,
+    SplicingTextEncoder,
+    model_extra_conds,
+    patched_clone,
+    training_precision,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +149,9 @@ class IDFuseTrainIdentity:
             "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": (
                 "Recompute UNet layers in the backward pass: less memory, about a third slower.")}),
             "training_dtype": (list(TRAINING_DTYPES), {"default": "auto", "tooltip": (
-                "auto = bfloat16 autocast on GPUs that support it, float32 otherwise. The trained weights stay "
-                "float32.")}),
+                "auto = bfloat16 autocast on GPUs that support it, else the model's own dtype (float16 with loss "
+                "scaling). float16: for GPUs without bfloat16 (GTX 10xx/16xx, RTX 20xx, T4), with loss scaling. "
+                "float32: exact but slowest. The trained weights stay float32.")}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": False, "tooltip": (
                 "Seeds initialisation, sampling and augmentation; keep it when resuming to repeat the same run.")}),
             "save_name": ("STRING", {"default": "idfuse_identity", "tooltip": "File name (no extension) for the "
@@ -339,8 +346,9 @@ class TrainingRun:
         patched, probes = patched_clone(self.model, self.family, s)
         layers, adapters = self._adapters()
         self.lora_layers = layers
-        comfy.model_management.load_models_gpu([patched, self.clip.patcher], force_full_load=True)
         device = patched.load_device
+        precision = training_precision(s.training_dtype, patched, device)
+        comfy.model_management.load_models_gpu([patched, self.clip.patcher], force_full_load=True)
         generator = self._generator(text).to(device)
         if adapters is not None:
             adapters.to(device)
@@ -359,7 +367,7 @@ class TrainingRun:
             host = Host(encode=text.encode, denoise=Denoiser(patched, extra_conds),
                         model_sampling=patched.get_model_object("model_sampling"), device=device,
                         check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
-                        autocast_dtype=autocast_dtype(s.training_dtype, device))
+                        autocast_dtype=precision.autocast, loss_scaling=precision.loss_scaling)
             trainer = IdentityTrainer(s, host, data, prompts, probes, generator, adapters)
             first_step = self._resume_state(trainer)
             before = trainer.evaluate(share_masks)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import ExitStack
+from dataclasses import dataclass
 
 import torch
 from comfy.ldm.modules.attention import optimized_attention
@@ -160,9 +161,26 @@ def model_extra_conds(patched, pooled: torch.Tensor | None, size: tuple[int, int
     return {name: cond.cond for name, cond in conds.items()}
 
 
-def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    if name == "bfloat16":
-        return torch.bfloat16
-    if name == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
+@dataclass(frozen=True)
+class Precision:
+    autocast: torch.dtype | None  # torch.autocast to this dtype around the model, or None
+    loss_scaling: bool  # float16 compute: scale the loss so that gradients do not underflow
+
+
+def training_precision(name: str, patched, device: torch.device) -> Precision:
+    """What training_dtype means for this model on this device. Call before the model is loaded:
+    float32 on a model whose weights are float16/bfloat16 makes the clone compute in float32."""
+    if name == "float16":
+        return Precision(torch.float16, True)
+    if name == "bfloat16" or (name == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return Precision(torch.bfloat16, False)
+    compute = getattr(patched.model, "manual_cast_dtype", None) or patched.model.get_dtype()
+    if name == "float32" and compute != torch.float32:
+        if hasattr(patched, "set_model_compute_dtype"):  # ComfyUI >= 0.3.4x: weights cast layer by layer
+            patched.set_model_compute_dtype(torch.float32)
+            return Precision(None, False)
+        log.warning("IDFuse trainer: this ComfyUI cannot make a %s model compute in float32; training in %s%s.",
+                    compute, compute, " with loss scaling" if compute == torch.float16 else "")
+    # No autocast: the model computes in its own dtype. ComfyUI loads float16 weights on GPUs without
+    # bfloat16, and gradients through float16 activations need loss scaling.
+    return Precision(None, compute == torch.float16)

@@ -47,8 +47,10 @@ def init_weights(module: torch.nn.Module, seed: int) -> None:
                 param.copy_(torch.randn(param.shape, generator=gen) / math.sqrt(fan_in))
 
 
-def make_model(family: str = "sd15", prediction: str = "eps", seed: int = 0, **overrides):
-    """A ModelPatcher around a small UNet of the family's topology, like a loaded checkpoint."""
+def make_model(family: str = "sd15", prediction: str = "eps", seed: int = 0, dtype: torch.dtype = torch.float32,
+               **overrides):
+    """A ModelPatcher around a small UNet of the family's topology, like a loaded checkpoint (weights
+    in ``dtype``, as ComfyUI loads them: float16 on most GPUs)."""
     import comfy.model_base
     import comfy.model_patcher
     import comfy.supported_models
@@ -56,7 +58,7 @@ def make_model(family: str = "sd15", prediction: str = "eps", seed: int = 0, **o
     config_class = {"sd15": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}[family]
     unet_config = dict(SD15_UNET if family == "sd15" else SDXL_UNET, **overrides)
     model_config = config_class(unet_config)
-    model_config.set_inference_dtype(torch.float32, None)
+    model_config.set_inference_dtype(dtype, None)
     model_type = {"eps": comfy.model_base.ModelType.EPS, "v": comfy.model_base.ModelType.V_PREDICTION}[prediction]
     model_class = comfy.model_base.SDXL if family == "sdxl" else comfy.model_base.BaseModel
     model = model_class(model_config, model_type=model_type, device="cpu")

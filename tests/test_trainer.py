@@ -21,6 +21,7 @@ from comfyui_idfuse.models.training_photos import prepare_photos
 from comfyui_idfuse.nodes.face_masks import face_masks
 from comfyui_idfuse.nodes.trainer import NODE_CLASS_MAPPINGS, IDFuseTrainIdentity
 
+LEARNING_STEPS = 36  # "a few dozen": enough for the loss and the face share to move clearly
 SIZE = 128  # photos -> 16x16 latents: layers of 8x8 (downscale 2) and 4x4 (downscale 4)
 
 
@@ -94,8 +95,8 @@ def mask_and_off_runs(parts):
     weights = _model_fingerprint(model)
     options, patches = copy.deepcopy(model.model_options), {k: list(v) for k, v in model.patches.items()}
     flags = [p.requires_grad for p in model.model.parameters()]
-    face = train(parts, "face_run", steps=12, attention_mode="face_mask")
-    off = train(parts, "off_run", steps=12, attention_mode="off")
+    face = train(parts, "face_run", steps=LEARNING_STEPS, attention_mode="face_mask")
+    off = train(parts, "off_run", steps=LEARNING_STEPS, attention_mode="off")
     untouched = (all(torch.equal(v, weights[k]) for k, v in model.model.state_dict().items())
                  and model.model_options == options and {k: list(v) for k, v in model.patches.items()} == patches
                  and [p.requires_grad for p in model.model.parameters()] == flags
@@ -157,16 +158,18 @@ def test_gradients_reach_exactly_the_trainable_parameters(parts, monkeypatch):
 def test_loss_goes_down(mask_and_off_runs):
     for run in ("face", "off"):
         losses = _report(mask_and_off_runs[run])["evaluation_diffusion_loss"]
-        assert losses["after"] < 0.95 * losses["before"], (run, losses)
+        print(f"{run}: evaluation diffusion loss {losses['before']:.4f} -> {losses['after']:.4f}")
+        assert losses["after"] < 0.9 * losses["before"], (run, losses)
 
 
 def test_face_mask_loss_moves_attention_onto_the_face(mask_and_off_runs):
     face = _report(mask_and_off_runs["face"])["face_attention_share"]
     off = _report(mask_and_off_runs["off"])["face_attention_share"]
     assert face["before"] == off["before"]  # same seed: the same start
-    # late-2024 core: about +0.11 against -0.00; ComfyUI 0.3.x: about +0.03 against -0.00
-    assert face["after"] > face["before"] + 0.015
-    assert face["after"] - face["before"] > off["after"] - off["before"] + 0.015
+    print(f"face share: face_mask {face['before']} -> {face['after']}, off {off['before']} -> {off['after']}")
+    # late-2024 core: 0.19 -> 0.57 against 0.19 -> 0.18 (the mask covers 19 % of the photo)
+    assert face["after"] > face["before"] + 0.15
+    assert face["after"] - face["before"] > off["after"] - off["before"] + 0.15
 
 
 def test_outputs_files_and_input_model(mask_and_off_runs, parts):
@@ -176,9 +179,9 @@ def test_outputs_files_and_input_model(mask_and_off_runs, parts):
     assert {p.suffix for p in paths} == {".safetensors", ".trainstate", ".json"} and all(p.is_file() for p in paths)
     report = json.loads(report_text)
     assert json.loads(Path(next(p for p in paths if p.suffix == ".json")).read_text()) == report
-    assert report["steps_done"] == 12 and report["settings"]["attention_mode"] == "face_mask"
+    assert report["steps_done"] == LEARNING_STEPS and report["settings"]["attention_mode"] == "face_mask"
     saved = load_id_tokens(next(p for p in paths if p.parent.name == "tokens" and p.suffix == ".safetensors"))
-    assert saved.num_stages == 2 and saved.training["steps_done"] == 12 and saved.generator
+    assert saved.num_stages == 2 and saved.training["steps_done"] == LEARNING_STEPS and saved.generator
     for name in ("clip_l",):
         torch.testing.assert_close(saved.keys[name], tokens.keys[name])
         assert not torch.equal(saved.keys[name], saved.values[name])
@@ -445,3 +448,90 @@ def test_min_snr_weighting_and_lr_schedules_use_diffusers():
         scheduler.step()
     assert rates[0] == 0.0 and rates[2] == pytest.approx(1.0) and rates[-1] < 0.1
     assert make_lr_scheduler("constant", optimizer, 0, 10) is None
+
+
+class _InfiniteGradient(torch.autograd.Function):
+    """Identity forward, infinite gradient backward: overflow without a non-finite loss."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def _overflow_at(steps: set[int], monkeypatch) -> None:
+    original = IdentityTrainer._micro_batch
+
+    def overflowing(self, step, micro):
+        diffusion, attention = original(self, step, micro)
+        return (_InfiniteGradient.apply(diffusion) if step in steps else diffusion), attention
+
+    monkeypatch.setattr(IdentityTrainer, "_micro_batch", overflowing)
+
+
+def _loss_scaler_state(save_name: str) -> dict | None:
+    from safetensors import safe_open
+
+    with safe_open(str(Path(tiny_tokens_dir()) / f"{save_name}.trainstate"), framework="pt") as f:
+        scaler = (f.metadata() or {}).get("loss_scaler")
+    return None if scaler is None else json.loads(scaler)
+
+
+def test_training_precision_follows_the_dtype_and_the_models_weights():
+    from comfyui_idfuse.nodes.training_models import Precision, training_precision
+
+    cpu = torch.device("cpu")
+    full, half = make_model("sd15"), make_model("sd15", dtype=torch.float16)
+    assert training_precision("float16", full, cpu) == Precision(torch.float16, True)
+    assert training_precision("bfloat16", half, cpu) == Precision(torch.bfloat16, False)
+    assert training_precision("auto", full, cpu) == Precision(None, False)
+    assert training_precision("float32", full, cpu) == Precision(None, False)
+    # float16 weights without autocast: the model computes in float16, so the loss is scaled
+    assert training_precision("auto", half, cpu) == Precision(None, True)
+    clone = half.clone()
+    if hasattr(clone, "set_model_compute_dtype"):  # ComfyUI that can cast weights layer by layer
+        assert training_precision("float32", clone, cpu) == Precision(None, False)
+        assert clone.object_patches["manual_cast_dtype"] is torch.float32
+        assert "manual_cast_dtype" not in half.object_patches
+    else:
+        assert training_precision("float32", clone, cpu) == Precision(None, True)
+
+
+def test_float16_training_scales_the_loss_and_skips_overflowing_steps(parts, monkeypatch):
+    # λ = 1: the tests' λ = 300 makes gradients that overflow float16 at the initial scale of 2**16
+    common = {"steps": 3, "lora_rank": 2, "attention_mode": "face_mask", "attention_weight": 1.0}
+    clean = train(parts, "fp16_clean", training_dtype="float16", **common)
+    assert _loss_scaler_state("fp16_clean") == {"scale": 2.0 ** 16, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                                "growth_interval": 2000, "_growth_tracker": 3, "skipped_steps": 0}
+    tokens = clean[0]
+    assert all(bool(torch.isfinite(v).all()) for v in [*tokens.keys.values(), *tokens.values.values()])
+    assert all(v.dtype == torch.float32 for v in tokens.generator.values())
+
+    _overflow_at({1}, monkeypatch)
+    overflowed = train(parts, "fp16_overflow", training_dtype="float16", **common)
+    state = _loss_scaler_state("fp16_overflow")
+    assert state["scale"] == 2.0 ** 15 and state["skipped_steps"] == 0  # step 2 skipped, step 3 not
+    assert _report(overflowed)["steps_done"] == 3
+    with pytest.raises(TrainingError, match=r"Training step 2: the gradient is not finite"):
+        train(parts, "fp32_overflow", training_dtype="float32", **common)
+
+
+def test_float16_stops_when_every_step_overflows(parts, monkeypatch):
+    from comfyui_idfuse.models import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "MAX_SKIPPED_STEPS", 2)
+    _overflow_at({0, 1, 2, 3}, monkeypatch)
+    with pytest.raises(TrainingError, match=r"step 2: the gradient in 2 float16 steps in a row is not finite"):
+        train(parts, "fp16_diverging", steps=4, lora_rank=0, attention_mode="off", training_dtype="float16")
+
+
+def test_a_float16_model_trains_with_loss_scaling(tokenizer_dir):
+    images, masks = face_photos(1)
+    half = {"model": make_model("sd15", dtype=torch.float16), "clip": make_clip("sd15", tokenizer_dir),
+            "vae": tiny_vae(), "images": images, "masks": masks}
+    outputs = train(half, "fp16_weights", steps=2, lora_rank=2, attention_mode="face_mask")
+    assert _loss_scaler_state("fp16_weights") is not None
+    assert all(bool(torch.isfinite(v).all()) for v in outputs[0].keys.values())
