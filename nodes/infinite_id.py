@@ -195,6 +195,7 @@ class IDFuseInfiniteIDGuider:
                    "the ID stream. CFG is applied to each stream with the same cfg. The input MODEL is not changed.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("GUIDER",)
+    OUTPUT_TOOLTIPS = ("For SamplerCustomAdvanced: samples the ID stream (and, if asked, the text stream).",)
     FUNCTION = "build"
 
     @classmethod

@@ -122,8 +122,8 @@ class IDFuseTrainIdentity:
                                                       "choice: 1e-4 lets the token take over the image, ≥ 0.01 "
                                                       "loses the identity."}),
             "attention_mode": (list(ATTENTION_MODES), {"default": "face_mask", "tooltip": (
-                "face_mask: the placeholder's attention should cover the face mask, mean(A·background) − "
-                "mean(A·face). reference_prompt: it should match 'person' in the same prompt with the initialiser "
+                "face_mask: the placeholder's attention should cover the face mask: mean of A over the background − "
+                "mean of A over the face. reference_prompt: it should match 'person' in the same prompt with the initialiser "
                 "(same query, same pass; needs no mask). both: the sum. off: diffusion loss only.")}),
             "loss_layers": (list(LOSS_LAYER_CHOICES), {"default": "2, 4", "tooltip": (
                 "Downscales (latent / layer grid) of the cross-attention layers the attention loss reads. '2, 4' = "
