@@ -456,13 +456,21 @@ def test_nodes_describe_every_input():
 def test_pack_imports_without_insightface(tmp_path):
     """In a fresh interpreter where insightface and onnxruntime cannot be imported."""
     script = textwrap.dedent(f"""
-        import importlib.abc, sys
+        import importlib.abc, importlib.machinery, sys
 
-        class Blocker(importlib.abc.MetaPathFinder):
+        class Blocker(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+            # Importing fails as for a missing package; merely looking the name up (torch's dynamo
+            # does, for a list of packages) does not.
             def find_spec(self, name, path=None, target=None):
                 if name.split(".")[0] in ("insightface", "onnxruntime"):
-                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+                    return importlib.machinery.ModuleSpec(name, self)
                 return None
+
+            def create_module(self, spec):
+                return None
+
+            def exec_module(self, module):
+                raise ModuleNotFoundError(f"No module named {{module.__name__!r}}", name=module.__name__)
 
         sys.meta_path.insert(0, Blocker())
         sys.path.insert(0, {str(TESTS_DIR)!r})
