@@ -167,7 +167,7 @@ def test_face_mask_loss_moves_attention_onto_the_face(mask_and_off_runs):
     off = _report(mask_and_off_runs["off"])["face_attention_share"]
     assert face["before"] == off["before"]  # same seed: the same start
     print(f"face share: face_mask {face['before']} -> {face['after']}, off {off['before']} -> {off['after']}")
-    # late-2024 core: 0.19 -> 0.57 against 0.19 -> 0.18 (the mask covers 19 % of the photo)
+    # late-2024 core and ComfyUI 0.3.64 alike: 0.19 -> 0.57 against 0.19 -> 0.18 (the mask covers 19 % of the photo)
     assert face["after"] > face["before"] + 0.15
     assert face["after"] - face["before"] > off["after"] - off["before"] + 0.15
 
