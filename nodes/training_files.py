@@ -18,7 +18,6 @@ NO_RESUME = "none"
 _SAVE_NAME = re.compile(r"^[\w\-. ]+$")
 
 
-
 def atomic_write_text(path: Path, text: str) -> Path:
     """Temporary file in the same folder, then rename: never half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)

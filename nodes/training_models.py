@@ -176,7 +176,7 @@ def training_precision(name: str, patched, device: torch.device) -> Precision:
         return Precision(torch.bfloat16, False)
     compute = getattr(patched.model, "manual_cast_dtype", None) or patched.model.get_dtype()
     if name == "float32" and compute != torch.float32:
-        if hasattr(patched, "set_model_compute_dtype"):  # ComfyUI >= 0.3.4x: weights cast layer by layer
+        if hasattr(patched, "set_model_compute_dtype"):  # newer ComfyUI (not the late-2024 core): weights cast per layer
             patched.set_model_compute_dtype(torch.float32)
             return Precision(None, False)
         log.warning("IDFuse trainer: this ComfyUI cannot make a %s model compute in float32; training in %s%s.",

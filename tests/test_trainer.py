@@ -535,3 +535,31 @@ def test_a_float16_model_trains_with_loss_scaling(tokenizer_dir):
     outputs = train(half, "fp16_weights", steps=2, lora_rank=2, attention_mode="face_mask")
     assert _loss_scaler_state("fp16_weights") is not None
     assert all(bool(torch.isfinite(v).all()) for v in outputs[0].keys.values())
+
+
+def test_float16_resume_restores_the_loss_scale(parts, monkeypatch):
+    """λ = 300 overflows float16 in the first steps, so the scale drops; a resumed run must start from
+    the saved scale (not 2**16 again, which would skip steps the uninterrupted run took)."""
+    import comfy.model_management
+
+    common = {"steps": 4, "lora_rank": 0, "attention_mode": "face_mask", "training_dtype": "float16",
+              "checkpoint_every": 1}
+    full = train(parts, "fp16_full", **common)[0]
+    full_scaler = _loss_scaler_state("fp16_full")
+    checks = {"count": 0}
+
+    def interrupt_at_step_3():
+        checks["count"] += 1
+        if checks["count"] == 3:
+            raise comfy.model_management.InterruptProcessingException()
+
+    monkeypatch.setattr(comfy.model_management, "throw_exception_if_processing_interrupted", interrupt_at_step_3)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        train(parts, "fp16_cut", **common)
+    monkeypatch.undo()
+    assert _loss_scaler_state("fp16_cut")["scale"] < 2.0 ** 16  # the overflow this test is about happened
+    resumed = train(parts, "fp16_cut", resume_from="fp16_cut.safetensors", **common)[0]
+    assert _loss_scaler_state("fp16_cut") == full_scaler
+    for name in full.keys:
+        torch.testing.assert_close(resumed.keys[name], full.keys[name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(resumed.values[name], full.values[name], rtol=0, atol=1e-6)
