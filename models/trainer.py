@@ -232,6 +232,7 @@ class IdentityTrainer:
                                            settings.steps)
         self.scaler = torch.amp.GradScaler(host.device.type) if host.loss_scaling else None
         self.skipped_steps = 0  # in a row, by loss scaling
+        self.skipped_total = 0
         self.step = 0
         self.history = LossHistory()
         sampling = host.model_sampling
@@ -348,6 +349,7 @@ class IdentityTrainer:
         self.scaler.step(self.optimizer)  # skips the update when the gradients are not finite
         self.scaler.update()
         self.skipped_steps = 0 if finite else self.skipped_steps + 1
+        self.skipped_total += 0 if finite else 1
         if not finite:
             log.info("IDFuse trainer: step %d skipped, float16 gradients overflowed; loss scale now %g", step,
                      self.scaler.get_scale())
@@ -411,7 +413,8 @@ class IdentityTrainer:
         metadata = {"step": str(self.step), "param_groups": json.dumps(state["param_groups"]),
                     "settings": json.dumps(self.settings.to_dict(), sort_keys=True)}
         if self.scaler is not None:
-            metadata["loss_scaler"] = json.dumps({**self.scaler.state_dict(), "skipped_steps": self.skipped_steps})
+            metadata["loss_scaler"] = json.dumps({**self.scaler.state_dict(), "skipped_steps": self.skipped_steps,
+                                                  "skipped_total": self.skipped_total})
         return tensors, metadata
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -433,6 +436,7 @@ class IdentityTrainer:
         if self.scaler is not None and "loss_scaler" in metadata:
             scaler_state = json.loads(metadata["loss_scaler"])
             self.skipped_steps = scaler_state.pop("skipped_steps", 0)
+            self.skipped_total = scaler_state.pop("skipped_total", 0)
             self.scaler.load_state_dict(scaler_state)
         self.history = LossHistory.from_tensor(tensors["history"]) if "history" in tensors else LossHistory()
         if self.scheduler is not None:

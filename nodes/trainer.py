@@ -446,6 +446,9 @@ class TrainingRun:
             "face_attention_share": {"before": share(before), "after": share(after)},
             "files": [str(p) for p in written], "seconds": round(seconds, 1),
         }
+        if trainer.scaler is not None:
+            report["float16_loss_scaling"] = {"final_scale": trainer.scaler.get_scale(),
+                                              "skipped_steps": trainer.skipped_total}
         if before.share is not None:
             report["face_attention_share"]["per_photo"] = {
                 "before": [round(float(v), 4) for v in before.share], "after": [round(float(v), 4) for v in after.share]}

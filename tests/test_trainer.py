@@ -180,6 +180,7 @@ def test_outputs_files_and_input_model(mask_and_off_runs, parts):
     report = json.loads(report_text)
     assert json.loads(Path(next(p for p in paths if p.suffix == ".json")).read_text()) == report
     assert report["steps_done"] == LEARNING_STEPS and report["settings"]["attention_mode"] == "face_mask"
+    assert "float16_loss_scaling" not in report  # float32 here
     saved = load_id_tokens(next(p for p in paths if p.parent.name == "tokens" and p.suffix == ".safetensors"))
     assert saved.num_stages == 2 and saved.training["steps_done"] == LEARNING_STEPS and saved.generator
     for name in ("clip_l",):
@@ -505,7 +506,8 @@ def test_float16_training_scales_the_loss_and_skips_overflowing_steps(parts, mon
     common = {"steps": 3, "lora_rank": 2, "attention_mode": "face_mask", "attention_weight": 1.0}
     clean = train(parts, "fp16_clean", training_dtype="float16", **common)
     assert _loss_scaler_state("fp16_clean") == {"scale": 2.0 ** 16, "growth_factor": 2.0, "backoff_factor": 0.5,
-                                                "growth_interval": 2000, "_growth_tracker": 3, "skipped_steps": 0}
+                                                "growth_interval": 2000, "_growth_tracker": 3, "skipped_steps": 0,
+                                                "skipped_total": 0}
     tokens = clean[0]
     assert all(bool(torch.isfinite(v).all()) for v in [*tokens.keys.values(), *tokens.values.values()])
     assert all(v.dtype == torch.float32 for v in tokens.generator.values())
@@ -515,6 +517,7 @@ def test_float16_training_scales_the_loss_and_skips_overflowing_steps(parts, mon
     state = _loss_scaler_state("fp16_overflow")
     assert state["scale"] == 2.0 ** 15 and state["skipped_steps"] == 0  # step 2 skipped, step 3 not
     assert _report(overflowed)["steps_done"] == 3
+    assert _report(overflowed)["float16_loss_scaling"] == {"final_scale": 2.0 ** 15, "skipped_steps": 1}
     with pytest.raises(TrainingError, match=r"Training step 2: the gradient is not finite"):
         train(parts, "fp32_overflow", training_dtype="float32", **common)
 
