@@ -23,3 +23,29 @@ def tokenizer_dir():
 @pytest.fixture(scope="session")
 def pack():
     return comfy_env.import_pack()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_model_folders(tmp_path_factory):
+    """In-process tests never write into a real ComfyUI's models folder (with COMFYUI_PATH set, the
+    real folder_paths points there): every model folder under its models_dir is redirected into a
+    temporary one for the session, and restored afterwards."""
+    import os
+
+    import folder_paths
+
+    root = tmp_path_factory.mktemp("comfy-models")
+    saved_dir = folder_paths.models_dir
+    saved = {name: (list(paths), exts) for name, (paths, exts) in folder_paths.folder_names_and_paths.items()}
+
+    def moved(path: str) -> str:
+        relative = os.path.relpath(path, saved_dir)
+        return path if relative.startswith("..") else str(root / relative)
+
+    folder_paths.models_dir = str(root)
+    for name, (paths, exts) in saved.items():
+        folder_paths.folder_names_and_paths[name] = ([moved(p) for p in paths], exts)
+    yield root
+    folder_paths.models_dir = saved_dir
+    folder_paths.folder_names_and_paths.clear()
+    folder_paths.folder_names_and_paths.update(saved)

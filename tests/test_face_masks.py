@@ -109,17 +109,13 @@ def test_missing_scikit_image_says_what_to_install(monkeypatch):
     assert face_masks(images, None, required=False) is None
 
 
-def test_trainer_finds_the_face_itself(tokenizer_dir, tmp_path, monkeypatch):
+def test_trainer_finds_the_face_itself(tokenizer_dir):
     """No masks, no face analysis, attention_mode face_mask: the trainer masks the astronaut's face."""
-    import folder_paths
     from factories import make_clip, make_model, tiny_vae
     from test_trainer import settings
 
-    from comfyui_idfuse.nodes.folders import ID_TOKENS_FOLDER
     from comfyui_idfuse.nodes.trainer import IDFuseTrainIdentity
 
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, ID_TOKENS_FOLDER, ([str(tmp_path / "tokens")], {".safetensors"}))
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(tmp_path / "loras")], {".safetensors"}))
     with torch.inference_mode():
         outputs = IDFuseTrainIdentity().train(make_model("sd15"), make_clip("sd15", tokenizer_dir), tiny_vae(),
                                               as_image(data.astronaut()), **settings(
