@@ -78,6 +78,23 @@ def train(parts, save_name: str, masks="default", **changes):
                                            masks=masks, **kwargs)
 
 
+def train_interrupted(parts, save_name: str, at_step: int, monkeypatch, **changes) -> None:
+    """Train until the user cancels at the start of step ``at_step`` (ComfyUI's interrupt check)."""
+    import comfy.model_management
+
+    checks = {"count": 0}
+
+    def interrupt():
+        checks["count"] += 1
+        if checks["count"] == at_step:
+            raise comfy.model_management.InterruptProcessingException()
+
+    monkeypatch.setattr(comfy.model_management, "throw_exception_if_processing_interrupted", interrupt)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        train(parts, save_name, **changes)
+    monkeypatch.undo()
+
+
 def _leftover_hooks(root: torch.nn.Module) -> list[str]:
     """Modules still carrying a hook or a replaced forward after training."""
     return [name for name, m in root.named_modules()
@@ -264,17 +281,7 @@ def test_interrupt_leaves_loadable_files_and_resume_reaches_the_same_state(parts
     full_tokens = train(parts, "uninterrupted", **common)[0]
     full_lora = comfy.utils.load_torch_file(str(Path(tiny_lora_dir()) / "uninterrupted.safetensors"))
 
-    checks = {"count": 0}
-
-    def interrupt_at_step_4():
-        checks["count"] += 1
-        if checks["count"] == 4:
-            raise comfy.model_management.InterruptProcessingException()
-
-    monkeypatch.setattr(comfy.model_management, "throw_exception_if_processing_interrupted", interrupt_at_step_4)
-    with pytest.raises(comfy.model_management.InterruptProcessingException):
-        train(parts, "interrupted", **common)
-    monkeypatch.undo()
+    train_interrupted(parts, "interrupted", 4, monkeypatch, **common)
 
     stopped = load_id_tokens(Path(tiny_tokens_dir()) / "interrupted.safetensors")
     assert stopped.training["steps_done"] == 3
@@ -543,23 +550,12 @@ def test_a_float16_model_trains_with_loss_scaling(tokenizer_dir):
 def test_float16_resume_restores_the_loss_scale(parts, monkeypatch):
     """λ = 300 overflows float16 in the first steps, so the scale drops; a resumed run must start from
     the saved scale (not 2**16 again, which would skip steps the uninterrupted run took)."""
-    import comfy.model_management
 
     common = {"steps": 4, "lora_rank": 0, "attention_mode": "face_mask", "training_dtype": "float16",
               "checkpoint_every": 1}
     full = train(parts, "fp16_full", **common)[0]
     full_scaler = _loss_scaler_state("fp16_full")
-    checks = {"count": 0}
-
-    def interrupt_at_step_3():
-        checks["count"] += 1
-        if checks["count"] == 3:
-            raise comfy.model_management.InterruptProcessingException()
-
-    monkeypatch.setattr(comfy.model_management, "throw_exception_if_processing_interrupted", interrupt_at_step_3)
-    with pytest.raises(comfy.model_management.InterruptProcessingException):
-        train(parts, "fp16_cut", **common)
-    monkeypatch.undo()
+    train_interrupted(parts, "fp16_cut", 3, monkeypatch, **common)
     assert _loss_scaler_state("fp16_cut")["scale"] < 2.0 ** 16  # the overflow this test is about happened
     resumed = train(parts, "fp16_cut", resume_from="fp16_cut.safetensors", **common)[0]
     assert _loss_scaler_state("fp16_cut") == full_scaler
