@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 
 import comfy_env  # noqa: E402
 
@@ -35,9 +35,10 @@ def main() -> None:
     from comfy.ldm.modules.attention import optimized_attention
     from factories import make_model, random_id_layers
 
-    from comfyui_idfuse.models.blocks import block_keys
-    from comfyui_idfuse.models.infinite_id import IDCrossAttention
-    from comfyui_idfuse.nodes.infinite_id import InfiniteIDSettings, TwoStreamGuider, two_stream_model
+    from comfyui_idfuse.models.infinite_id.attention import IDCrossAttention
+    from comfyui_idfuse.models.infinite_id.settings import InfiniteIDSettings
+    from comfyui_idfuse.models.unet import block_keys
+    from comfyui_idfuse.nodes.glue.infinite_id import TwoStreamGuider, two_stream_model
 
     model = make_model("sd15", model_channels=320)
     layers = random_id_layers(model, "sd15")

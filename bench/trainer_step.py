@@ -55,7 +55,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 
 import comfy_env  # noqa: E402
 
@@ -192,7 +192,7 @@ def worker(args) -> dict:
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     import nodes as comfy_nodes  # ComfyUI's nodes.py: setup_comfy put its root first on sys.path
-    from comfyui_idfuse.nodes.trainer import IDFuseTrainIdentity
+    from comfyui_idfuse.nodes.train import IDFuseTrainIdentity
 
     out_dir = tempfile.mkdtemp(prefix="idfuse-bench-train-")
     folder_paths.models_dir = out_dir  # our token files go to <out_dir>/idfuse/tokens

@@ -1,10 +1,11 @@
-"""ComfyUI glue: thin node classes over the plain-torch code in ``models``."""
+"""ComfyUI nodes: thin node classes, one module per capability, over the plain-torch code in ``models``.
+Their ComfyUI helpers (folders, model inspection, patching, files) are in ``nodes/glue``."""
 
-from . import face, face_masks, id_encoder, infinite_id, tokens, trainer
-from .folders import register_model_folders
+from . import encoders, faces, infinite_id, tokens, train
+from .glue.folders import register_model_folders
 
 register_model_folders()
 
-_MODULES = (tokens, trainer, face_masks, face, id_encoder, infinite_id)
+_MODULES = (tokens, train, faces, encoders, infinite_id)
 NODE_CLASS_MAPPINGS = {name: cls for m in _MODULES for name, cls in m.NODE_CLASS_MAPPINGS.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {name: title for m in _MODULES for name, title in m.NODE_DISPLAY_NAME_MAPPINGS.items()}

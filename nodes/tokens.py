@@ -6,11 +6,11 @@ import logging
 
 import folder_paths
 
-from ..models.id_tokens import IDTokens, IDTokensError, load_id_tokens
-from ..models.token_patch import StageContextPatch, StageContexts
-from .folders import ID_TOKENS_FOLDER
-from .id_encoding import encode_with_identity
-from .model_info import model_family
+from ..models.tokens.format import IDTokens, IDTokensError, load_id_tokens
+from ..models.tokens.patch import StageContextPatch, StageContexts
+from .glue.folders import ID_TOKENS_FOLDER
+from .glue.id_encoding import encode_with_identity
+from .glue.model_info import model_family
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,13 @@
 from __future__ import annotations
 
-import comfy_env
-import pytest
+import sys
+from pathlib import Path
+
+# Helpers and fixtures live in tests/support/ and are imported by their module names.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
+
+import comfy_env  # noqa: E402
+import pytest  # noqa: E402
 
 COMFY = comfy_env.setup_comfy()
 

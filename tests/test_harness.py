@@ -6,7 +6,7 @@ from pathlib import Path
 
 import folder_paths
 
-from comfyui_idfuse.nodes.folders import FOLDERS
+from comfyui_idfuse.nodes.glue.folders import FOLDERS
 
 
 def test_model_folders_are_temporary(isolated_model_folders):

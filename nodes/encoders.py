@@ -1,0 +1,84 @@
+"""Infinite-ID's ID encoder: load it from an IDFuse file or an IP-Adapter FaceID checkpoint."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import comfy.model_management
+import comfy.model_patcher
+import folder_paths
+import torch
+
+from ..models.encoders.encoder import KIND_NAMES, IDEncoder, IDEncoderError, is_plus_v2_name, load_id_encoder
+from .glue.folders import ID_ENCODERS_FOLDER, IPADAPTER_FOLDER
+
+log = logging.getLogger(__name__)
+
+IPADAPTER_PREFIX = "ipadapter/"
+
+
+@dataclass(frozen=True)
+class LoadedIDEncoder:
+    """The ID_ENCODER value: the encoder and the ModelPatcher through which ComfyUI loads and offloads it."""
+
+    patcher: comfy.model_patcher.ModelPatcher
+    encoder: IDEncoder
+    source: str
+
+
+def encoder_choices() -> list[str]:
+    own = folder_paths.get_filename_list(ID_ENCODERS_FOLDER)
+    return own + [IPADAPTER_PREFIX + name for name in folder_paths.get_filename_list(IPADAPTER_FOLDER)]
+
+
+def encoder_path(name: str) -> str | None:
+    if name.startswith(IPADAPTER_PREFIX):
+        path = folder_paths.get_full_path(IPADAPTER_FOLDER, name[len(IPADAPTER_PREFIX):])
+        if path is not None:
+            return path
+    return folder_paths.get_full_path(ID_ENCODERS_FOLDER, name)
+
+
+class IDFuseLoadIDEncoder:
+    DESCRIPTION = ("Loads an Infinite-ID ID encoder: the face mapper (ArcFace embedding -> ID tokens), the CLIP "
+                   "mapper if it has one, and the ID keys/values of every cross-attention layer. Reads IDFuse "
+                   "encoders from models/idfuse/encoders and IP-Adapter FaceID, FaceID-Plus and FaceID-PlusV2 "
+                   "checkpoints (SD1.5 and SDXL, .safetensors or .bin) from models/ipadapter, listed as "
+                   "'ipadapter/...'. The kind and model family are recognised from the file's contents; a "
+                   "FaceID-PlusV2 file must have 'plusv2' in its name (its weights look like FaceID-Plus).")
+    CATEGORY = "IDFuse/Infinite-ID"
+    RETURN_TYPES = ("ID_ENCODER",)
+    RETURN_NAMES = ("id_encoder",)
+    OUTPUT_TOOLTIPS = ("The ID encoder, its model family (SD1.5 / SDXL) and kind; loaded to the GPU when used.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "encoder_name": (encoder_choices(), {
+                "tooltip": "An IDFuse encoder in models/idfuse/encoders, or an IP-Adapter FaceID / FaceID-Plus / "
+                           "FaceID-PlusV2 checkpoint in models/ipadapter (shown as 'ipadapter/<file>'). Plus and "
+                           "PlusV2 files have the same weights: PlusV2 is recognised by 'plusv2' in the name."}),
+        }}
+
+    def load(self, encoder_name: str) -> tuple[LoadedIDEncoder]:
+        path = encoder_path(encoder_name)
+        if path is None:
+            raise IDEncoderError(f"ID encoder '{encoder_name}' not found in models/idfuse/encoders or "
+                                 f"models/ipadapter; put the file there and refresh the page.")
+        device = comfy.model_management.get_torch_device()
+        dtype = torch.float16 if comfy.model_management.should_use_fp16(device) else torch.float32
+        encoder = load_id_encoder(path, dtype=dtype)
+        if encoder.kind == "faceid_plus" and not is_plus_v2_name(encoder_name):
+            log.info("%s: FaceID-Plus weights and no 'plusv2' in the name, so used as FaceID-Plus (v1). If it is "
+                     "a FaceID-PlusV2 file, rename it to contain 'plusv2'.", encoder_name)
+        patcher = comfy.model_patcher.ModelPatcher(encoder, load_device=device,
+                                                   offload_device=comfy.model_management.unet_offload_device())
+        log.info("Loaded ID encoder %s: %s for %s, %d tokens, %d LoRA weights", encoder_name,
+                 KIND_NAMES[encoder.kind], encoder.family, encoder.num_tokens, len(encoder.lora))
+        return (LoadedIDEncoder(patcher, encoder, encoder_name),)
+
+
+NODE_CLASS_MAPPINGS = {"IDFuseLoadIDEncoder": IDFuseLoadIDEncoder}
+NODE_DISPLAY_NAME_MAPPINGS = {"IDFuseLoadIDEncoder": "IDFuse Load ID Encoder"}

@@ -1,0 +1,134 @@
+"""Infinite-ID face input: load insightface's face analysis, embed the face of reference photos.
+
+Thin ComfyUI glue over models/faces/. insightface and onnxruntime are imported only
+when a node runs, so the pack loads without them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import folder_paths
+import torch
+
+from ..models.faces.insightface import (
+    COMBINE_MODES,
+    DEFAULT_DET_SIZE,
+    FACE_CHOICES,
+    MODEL_PACKS,
+    NO_FACE_ACTIONS,
+    FaceEmbedding,
+    available_providers,
+    embed_faces,
+    load_face_analysis,
+)
+from .glue.folders import INSIGHTFACE_FOLDER
+
+log = logging.getLogger(__name__)
+
+CATEGORY = "IDFuse/Infinite-ID"
+
+def insightface_roots() -> list[str]:
+    return folder_paths.get_folder_paths(INSIGHTFACE_FOLDER)
+
+
+def clip_vision_penultimate(clip_vision, crops: torch.Tensor) -> torch.Tensor:
+    """ComfyUI CLIP_VISION -> penultimate hidden states [K, 257, 1280] (ViT-H/14) of IMAGE crops [K, 224, 224, 3]."""
+    return clip_vision.encode_image(crops).penultimate_hidden_states
+
+
+class IDFuseLoadFaceAnalysis:
+    DESCRIPTION = ("Loads insightface's face detector and ArcFace recognition model (antelopev2 or buffalo_l) from "
+                   "ComfyUI/models/insightface/models/<name>/ for IDFuse Face Embed. Needs `pip install insightface "
+                   "onnxruntime` (or onnxruntime-gpu). Nothing is downloaded: missing files are an error saying "
+                   "where to put them.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("FACE_ANALYSIS",)
+    RETURN_NAMES = ("face_analysis",)
+    OUTPUT_TOOLTIPS = ("insightface's FaceAnalysis with a face detector and an ArcFace recognition model.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model_name": (list(MODEL_PACKS), {
+                "tooltip": "insightface model pack in models/insightface/models/<name>/ (or in a folder listed under "
+                           "'insightface' in extra_model_paths.yaml). antelopev2 (glintr100 recogniser) is what "
+                           "InstantID/PuLID use; IP-Adapter FaceID was trained with buffalo_l (w600k_r50)."}),
+            "provider": (available_providers(), {
+                "tooltip": "Where onnxruntime runs the face models. CUDA appears only with onnxruntime-gpu installed "
+                           "(instead of onnxruntime, not next to it)."}),
+            "det_size": ("INT", {
+                "default": DEFAULT_DET_SIZE, "min": 160, "max": 2048, "step": 32,
+                "tooltip": "Side of the square the detector sees the photo at. 640 suits most photos; when no face "
+                           "is found, IDFuse Face Embed also tries smaller sizes (512, 384, 256, 160)."}),
+        }}
+
+    def load(self, model_name: str, provider: str, det_size: int):
+        return (load_face_analysis(model_name, insightface_roots(), provider, det_size),)
+
+
+class IDFuseFaceEmbed:
+    DESCRIPTION = ("Finds the face in each reference photo (insightface), aligns it and turns it into the identity "
+                   "embedding for the Infinite-ID encoder: the ArcFace embedding (combined over all photos) and, with "
+                   "a CLIP vision model connected, CLIP features of the aligned face crop. The preview shows the "
+                   "detected faces (the one used in green) and their keypoints.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("ID_EMBEDS", "IMAGE")
+    RETURN_NAMES = ("id_embeds", "preview")
+    OUTPUT_TOOLTIPS = (
+        "The identity: ArcFace embedding [1, 512] combined over the photos, CLIP hidden states of the face "
+        "[1, 257, 1280] when clip_vision is connected, and the per-photo embeddings.",
+        "The photos with every detected face box (the one used in green, with its index) and five keypoints; "
+        "photos without a face get a red frame.",
+    )
+    FUNCTION = "embed"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "image": ("IMAGE", {
+                    "tooltip": "One or more photos of the same person (a batch). Grey, RGBA and small photos work; "
+                               "a clear, frontal face gives the best identity."}),
+                "face_analysis": ("FACE_ANALYSIS", {"tooltip": "From IDFuse Load Face Analysis."}),
+                "face_choice": (list(FACE_CHOICES), {
+                    "tooltip": "Which face to use when a photo has several: the largest, or the one at face_index."}),
+                "face_index": ("INT", {
+                    "default": 0, "min": 0, "max": 63,
+                    "tooltip": "With face_choice 'index': which face, counted from 0 left to right (the preview "
+                               "labels them)."}),
+                "combine": (list(COMBINE_MODES), {
+                    "tooltip": "How several photos become one identity: the mean of their unit-length ArcFace "
+                               "embeddings, rescaled to unit length ('normalized mean', like a single photo's), or "
+                               "the plain mean. CLIP features are always averaged."}),
+                "on_no_face": (list(NO_FACE_ACTIONS), {
+                    "tooltip": "A photo without a detectable face: stop with an error naming it, or skip it "
+                               "(an error still if no photo has a face)."}),
+            },
+            "optional": {
+                "clip_vision": ("CLIP_VISION", {
+                    "tooltip": "CLIP vision model (ViT-H/14) for encoders that also use CLIP features of the face "
+                               "(IP-Adapter FaceID-Plus/PlusV2, IDFuse encoders with a CLIP mapper)."}),
+            },
+        }
+
+    def embed(self, image: torch.Tensor, face_analysis, face_choice: str, face_index: int, combine: str,
+              on_no_face: str, clip_vision=None) -> tuple[FaceEmbedding, torch.Tensor]:
+        encoder = None
+        if clip_vision is not None:
+            def encoder(crops: torch.Tensor) -> torch.Tensor:
+                return clip_vision_penultimate(clip_vision, crops)
+        embedding, preview = embed_faces(face_analysis, image, face_choice=face_choice, face_index=face_index,
+                                         combine=combine, on_no_face=on_no_face, clip_encoder=encoder)
+        return (embedding, preview)
+
+
+NODE_CLASS_MAPPINGS = {
+    "IDFuseLoadFaceAnalysis": IDFuseLoadFaceAnalysis,
+    "IDFuseFaceEmbed": IDFuseFaceEmbed,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "IDFuseLoadFaceAnalysis": "IDFuse Load Face Analysis",
+    "IDFuseFaceEmbed": "IDFuse Face Embed",
+}

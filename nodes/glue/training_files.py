@@ -1,0 +1,66 @@
+"""Where IDFuse Train Identity writes, and what it resumes from."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import folder_paths
+
+from ...models.tokens.format import IDTokens, load_id_tokens
+from ...models.training.token_trainer import TrainingError, TrainingSettings
+from .folders import ID_TOKENS_FOLDER, default_folder
+
+TRAINER_FORMAT = "idfuse.trainer"
+NO_RESUME = "none"
+_SAVE_NAME = re.compile(r"^[\w\-. ]+$")
+
+
+class OutputFiles:
+    """Where one identity's files go: tokens (+ training state + report) and the LoRA."""
+
+    def __init__(self, save_name: str):
+        if not _SAVE_NAME.match(save_name) or save_name.startswith("."):
+            raise TrainingError(f"save_name '{save_name}' is not a plain file name; use letters, digits, '-', '_' "
+                                f"or '.', without folders.")
+        tokens_dir = Path(default_folder(ID_TOKENS_FOLDER))
+        self.tokens = tokens_dir / f"{save_name}.safetensors"
+        self.state = tokens_dir / f"{save_name}.trainstate"
+        self.report = tokens_dir / f"{save_name}.report.json"
+        self.lora = Path(folder_paths.get_folder_paths("loras")[0]) / f"{save_name}.safetensors"
+
+    def check_free(self, resume_path: str | None, with_lora: bool) -> None:
+        resuming_this = resume_path is not None and os.path.abspath(resume_path) == os.path.abspath(self.tokens)
+        if resuming_this:
+            return
+        taken = [p for p in ([self.tokens] + ([self.lora] if with_lora else [])) if p.exists()]
+        if taken:
+            raise TrainingError(f"save_name '{self.tokens.stem}': {', '.join(str(p) for p in taken)} already exists. "
+                                f"Choose another save_name, or pick {self.tokens.name} in resume_from to continue "
+                                f"training it.")
+
+
+
+def resume_source(resume_from: str) -> tuple[str | None, IDTokens | None]:
+    if resume_from == NO_RESUME:
+        return None, None
+    path = folder_paths.get_full_path(ID_TOKENS_FOLDER, resume_from)
+    if path is None:
+        raise TrainingError(f"resume_from '{resume_from}' is not in models/idfuse/tokens; refresh the page.")
+    return path, load_id_tokens(path)
+
+
+def check_resumable(tokens: IDTokens, settings: TrainingSettings, family: str) -> dict:
+    training = tokens.training
+    if training.get("format") != TRAINER_FORMAT or not tokens.generator:
+        raise TrainingError(f"resume_from {tokens.source}: the file holds no trainer state (it was not made by IDFuse "
+                            f"Train Identity, or without its generator); start a new run.")
+    tokens.check_family(family)
+    previous = training["settings"]
+    for name in ("placeholder", "initializer", "num_stages", "lora_rank", "lora_targets", "generator_width"):
+        now = settings.to_dict()[name]
+        if previous.get(name) != now:
+            raise TrainingError(f"resume_from {tokens.source} was trained with {name} = {previous.get(name)!r}, this "
+                                f"run has {now!r}; set {name} as in that run to resume it.")
+    return training

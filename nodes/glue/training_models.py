@@ -1,0 +1,186 @@
+"""The frozen MODEL and CLIP as the trainer's callables: prompts encoded with the placeholder's
+vectors spliced in, and the patched model's x0 prediction with keys and values from two contexts."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import torch
+from comfy.ldm.modules.attention import optimized_attention
+
+from ...models.training.attention import AttentionProbes
+from ...models.training.frozen import VALUES_CONTEXT, ValuesContextPatch
+from ...models.training.token_trainer import TrainingError, TrainingSettings
+from ...models.unet import FAMILY_NAMES, cross_attention_path, select_layers
+from .id_encoding import single_token_id
+from .model_info import TOKENIZER_KEYS
+
+log = logging.getLogger(__name__)
+
+
+
+def _template_text(template: str, word: str, index: int) -> str:
+    if template.count("{}") != 1:
+        raise TrainingError(f"Prompt template {index + 1} '{template}' must contain '{{}}' exactly once (where the "
+                            f"placeholder goes), e.g. 'a photo of the face of {{}}'.")
+    return template.replace("{}", word)
+
+
+class SplicingTextEncoder:
+    """Encodes prompts with ComfyUI's CLIP, the placeholder's input-embedding rows replaced by vectors.
+
+    The placeholder stays an ordinary token id; a forward hook on each text encoder's token
+    embedding swaps its output rows at that id for the given vector (out of place, so autograd
+    reaches the vector). ComfyUI's own "tensor instead of token id" path copies vectors in place in
+    the late-2024 core and would cut the gradient.
+    """
+
+    def __init__(self, clip, family: str, settings: TrainingSettings):
+        self.clip = clip
+        self.names = TOKENIZER_KEYS[family]  # tokenizer key -> encoder name
+        self.placeholder_ids = {k: single_token_id(clip, settings.placeholder, k, "placeholder") for k in self.names}
+        self.initializer_ids = {k: single_token_id(clip, settings.initializer, k, "initialiser") for k in self.names}
+        if self.placeholder_ids == self.initializer_ids:
+            raise TrainingError("The placeholder and the initialiser are the same word; the placeholder must be a "
+                                "new, rare word such as 'sks'.")
+        self.embeddings = {name: getattr(clip.cond_stage_model, name).transformer.get_input_embeddings()
+                           for name in self.names.values()}
+        self.tokens = [clip.tokenize(_template_text(t, settings.placeholder, i)) for i, t in enumerate(settings.templates)]
+        self.reference_tokens = [clip.tokenize(_template_text(t, settings.initializer, i))
+                                 for i, t in enumerate(settings.templates)]
+        self.placeholder_positions = self._positions(self.tokens, self.placeholder_ids, settings)
+        self.reference_positions = self._positions(self.reference_tokens, self.initializer_ids, settings)
+        self._vectors: dict[str, torch.Tensor] | None = None
+
+    def _positions(self, all_tokens: list[dict], ids: dict[str, int], settings: TrainingSettings) -> torch.Tensor:
+        positions = []
+        for index, tokens in enumerate(all_tokens):
+            found = set()
+            for key, chunks in tokens.items():
+                if len(chunks) != 1:
+                    raise TrainingError(f"Prompt template {index + 1} '{settings.templates[index]}' is longer than one "
+                                        f"77-token chunk; use a shorter template.")
+                hits = [i for i, t in enumerate(chunks[0]) if isinstance(t[0], int) and t[0] == ids[key]]
+                if len(hits) != 1:
+                    raise TrainingError(f"Prompt template {index + 1} '{settings.templates[index]}' holds the word "
+                                        f"{len(hits)} times after tokenising; write the placeholder only once.")
+                found.add(hits[0])
+            if len(found) != 1:
+                raise TrainingError(f"Prompt template {index + 1}: the text encoders put the word at different "
+                                    f"positions {sorted(found)}.")
+            positions.append(found.pop())
+        return torch.tensor(positions)
+
+    def initializer_embeddings(self) -> dict[str, torch.Tensor]:
+        return {name: self.embeddings[name].weight[self.initializer_ids[key]].detach().float().cpu().clone()
+                for key, name in self.names.items()}
+
+    def hooks(self) -> ExitStack:
+        stack = ExitStack()
+        for key, name in self.names.items():
+            handle = self.embeddings[name].register_forward_hook(self._hook(name, self.placeholder_ids[key]))
+            stack.callback(handle.remove)
+        return stack
+
+    def _hook(self, name: str, token_id: int):
+        def hook(_module, args, output):
+            if self._vectors is None:
+                return None
+            rows = args[0] == token_id
+            if not bool(rows.any()):
+                return None
+            spliced = output.clone()
+            spliced[rows] = self._vectors[name].to(device=output.device, dtype=output.dtype)
+            return spliced
+        return hook
+
+    def encode(self, template: int, vectors: dict[str, torch.Tensor]) -> torch.Tensor:
+        self._vectors = vectors
+        try:
+            return self.clip.encode_from_tokens(self.tokens[template])
+        finally:
+            self._vectors = None
+
+    def encode_reference(self, template: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The prompt with the initialiser word: the v2 reference prompt, and (SDXL) the pooled output
+        that IDFuse Encode With ID also takes from the plain prompt."""
+        with torch.no_grad():
+            cond, pooled = self.clip.encode_from_tokens(self.reference_tokens[template], return_pooled=True)
+        return cond.float(), None if pooled is None else pooled.float()
+
+
+class Denoiser:
+    """x0 prediction of the patched model clone through ComfyUI's own apply_model (its model_sampling,
+    its extra conditioning), keys from one context and values from another."""
+
+    def __init__(self, patched, extra_conds: list[dict[str, torch.Tensor]]):
+        self.patched = patched
+        self.extra_conds = extra_conds
+
+    def __call__(self, x, sigma, keys_context, values_context, templates: list[int]) -> torch.Tensor:
+        options = dict(self.patched.model_options.get("transformer_options", {}))
+        options.update({VALUES_CONTEXT: values_context, "cond_or_uncond": [0], "sigmas": sigma})
+        extra = {name: torch.cat([self.extra_conds[t][name] for t in templates]).to(x.device)
+                 for name in self.extra_conds[templates[0]]}
+        return self.patched.model.apply_model(x, sigma, c_crossattn=keys_context, transformer_options=options, **extra)
+
+
+def patched_clone(model, family: str, settings: TrainingSettings) -> tuple[object, AttentionProbes]:
+    """A clone of MODEL with the values patch on every cross-attention layer and explicit-attention
+    probes on the loss layers; the input MODEL keeps its options."""
+    layers = select_layers(family, settings.loss_downscales)
+    if not layers:
+        raise TrainingError(f"loss_layers {settings.loss_downscales}: {FAMILY_NAMES[family]} has no cross-attention "
+                            f"at those downscales; SD1.5 has 1, 2, 4 (and 8 in the middle), SDXL 2 and 4.")
+    unet = model.model.diffusion_model
+    to_k = {key: unet.get_submodule(cross_attention_path(unet, key)).to_k for key in layers}
+    probes = AttentionProbes(to_k, optimized_attention, detach_reference=settings.detach_reference)
+    patched = model.clone()
+    existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    if any(key.key in existing for key in layers):
+        log.warning("IDFuse trainer: the model already replaces attention on some loss layers; the trainer's "
+                    "probes take their place during training.")
+    patched.set_model_attn2_patch(ValuesContextPatch())
+    for key in layers:
+        patched.set_model_attn2_replace(probes.replace_patch(key), *key.key)
+    return patched, probes
+
+
+def model_extra_conds(patched, pooled: torch.Tensor | None, size: tuple[int, int], device) -> dict[str, torch.Tensor]:
+    """The model's own extra conditioning (SDXL: pooled text + size embedding 'y'); empty for SD1.5."""
+    kwargs = {"width": size[1], "height": size[0], "device": device}
+    if pooled is not None:
+        kwargs["pooled_output"] = pooled
+    conds = patched.model.extra_conds(**kwargs)
+    unsupported = set(conds) - {"y"}
+    if unsupported:
+        raise TrainingError(f"This model needs extra inputs {sorted(unsupported)} (an inpainting or edit model?); "
+                            f"train on a plain SD1.5 or SDXL checkpoint.")
+    return {name: cond.cond for name, cond in conds.items()}
+
+
+@dataclass(frozen=True)
+class Precision:
+    autocast: torch.dtype | None  # torch.autocast to this dtype around the model, or None
+    loss_scaling: bool  # float16 compute: scale the loss so that gradients do not underflow
+
+
+def training_precision(name: str, patched, device: torch.device) -> Precision:
+    """What training_dtype means for this model on this device. Call before the model is loaded:
+    float32 on a model whose weights are float16/bfloat16 makes the clone compute in float32."""
+    if name == "float16":
+        return Precision(torch.float16, True)
+    if name == "bfloat16" or (name == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return Precision(torch.bfloat16, False)
+    compute = getattr(patched.model, "manual_cast_dtype", None) or patched.model.get_dtype()
+    if name == "float32" and compute != torch.float32:
+        if hasattr(patched, "set_model_compute_dtype"):  # newer ComfyUI (not the late-2024 core): weights cast per layer
+            patched.set_model_compute_dtype(torch.float32)
+            return Precision(None, False)
+        log.warning("IDFuse trainer: this ComfyUI cannot make a %s model compute in float32; training in %s%s.",
+                    compute, compute, " with loss scaling" if compute == torch.float16 else "")
+    # No autocast: the model computes in its own dtype. ComfyUI loads float16 weights on GPUs without
+    # bfloat16, and gradients through float16 activations need loss scaling.
+    return Precision(None, compute == torch.float16)

@@ -1,0 +1,554 @@
+"""IDFuse Train Identity on small SD1.5 / SDXL models: gradients, learning, the attention loss,
+interrupt + resume, NaN, masks, the saved LoRA in ComfyUI's own loader, the input model untouched."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from factories import make_clip, make_model, tiny_vae
+from trainer_inputs import SIZE, settings
+
+from comfyui_idfuse.models.faces.cascade import ellipse_mask
+from comfyui_idfuse.models.tokens.format import load_id_tokens
+from comfyui_idfuse.models.training import attention as attention_loss
+from comfyui_idfuse.models.training.frozen import without_inference_tensors
+from comfyui_idfuse.models.training.photos import prepare_photos
+from comfyui_idfuse.models.training.token_trainer import IdentityTrainer, TrainingError
+from comfyui_idfuse.models.unet import select_layers
+from comfyui_idfuse.nodes.glue.face_masks import face_masks
+from comfyui_idfuse.nodes.train import NODE_CLASS_MAPPINGS, IDFuseTrainIdentity
+
+LEARNING_STEPS = 36  # "a few dozen": enough for the loss and the face share to move clearly
+
+
+def face_photos(count: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bluish background, a skin-coloured 'face' block; and its mask."""
+    gen = torch.Generator().manual_seed(0)
+    images = 0.1 * torch.rand(count, SIZE, SIZE, 3, generator=gen) + torch.tensor([0.1, 0.2, 0.6])
+    images[:, 32:96, 40:88] = 0.1 * torch.rand(count, 64, 48, 3, generator=gen) + torch.tensor([0.9, 0.7, 0.5])
+    masks = torch.zeros(count, SIZE, SIZE)
+    masks[:, 32:96, 40:88] = 1.0
+    return images, masks
+
+
+@pytest.fixture(scope="module", autouse=True)
+def output_folders(tmp_path_factory):
+    """Token and LoRA folders in a temporary models folder (never a real ComfyUI's)."""
+    import folder_paths
+
+    from comfyui_idfuse.nodes.glue.folders import ID_TOKENS_FOLDER
+
+    root = tmp_path_factory.mktemp("models")
+    saved_dir, saved = folder_paths.models_dir, dict(folder_paths.folder_names_and_paths)
+    folder_paths.models_dir = str(root)
+    folder_paths.folder_names_and_paths[ID_TOKENS_FOLDER] = ([str(root / "idfuse" / "tokens")], {".safetensors"})
+    folder_paths.folder_names_and_paths["loras"] = ([str(root / "loras")], {".safetensors"})
+    yield root
+    folder_paths.models_dir = saved_dir
+    folder_paths.folder_names_and_paths.clear()
+    folder_paths.folder_names_and_paths.update(saved)
+
+
+@pytest.fixture(scope="module")
+def parts(tokenizer_dir):
+    images, masks = face_photos()
+    return {"model": make_model("sd15"), "clip": make_clip("sd15", tokenizer_dir), "vae": tiny_vae(),
+            "images": images, "masks": masks}
+
+
+def train(parts, save_name: str, masks="default", **changes):
+    kwargs = settings(save_name=save_name, **changes)
+    masks = parts["masks"] if isinstance(masks, str) else masks
+    with torch.inference_mode():  # as ComfyUI runs nodes
+        return IDFuseTrainIdentity().train(parts["model"], parts["clip"], parts["vae"], parts["images"],
+                                           masks=masks, **kwargs)
+
+
+def train_interrupted(parts, save_name: str, at_step: int, monkeypatch, **changes) -> None:
+    """Train until the user cancels at the start of step ``at_step`` (ComfyUI's interrupt check)."""
+    import comfy.model_management
+
+    checks = {"count": 0}
+
+    def interrupt():
+        checks["count"] += 1
+        if checks["count"] == at_step:
+            raise comfy.model_management.InterruptProcessingException()
+
+    monkeypatch.setattr(comfy.model_management, "throw_exception_if_processing_interrupted", interrupt)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        train(parts, save_name, **changes)
+    monkeypatch.undo()
+
+
+def _leftover_hooks(root: torch.nn.Module) -> list[str]:
+    """Modules still carrying a hook or a replaced forward after training."""
+    return [name for name, m in root.named_modules()
+            if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__]
+
+
+def _model_fingerprint(model) -> dict:
+    return {k: v.clone() for k, v in model.model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def mask_and_off_runs(parts):
+    """Same seed and steps, attention loss on (face_mask) and off; the input model checked around them."""
+    model = parts["model"]
+    weights = _model_fingerprint(model)
+    options, patches = copy.deepcopy(model.model_options), {k: list(v) for k, v in model.patches.items()}
+    flags = [p.requires_grad for p in model.model.parameters()]
+    face = train(parts, "face_run", steps=LEARNING_STEPS, attention_mode="face_mask")
+    off = train(parts, "off_run", steps=LEARNING_STEPS, attention_mode="off")
+    untouched = (all(torch.equal(v, weights[k]) for k, v in model.model.state_dict().items())
+                 and model.model_options == options and {k: list(v) for k, v in model.patches.items()} == patches
+                 and [p.requires_grad for p in model.model.parameters()] == flags
+                 and not _leftover_hooks(model.model) and not _leftover_hooks(parts["clip"].cond_stage_model))
+    return {"face": face, "off": off, "input_untouched": untouched}
+
+
+def _report(outputs) -> dict:
+    return json.loads(outputs[5])
+
+
+def test_node_is_registered_with_its_defaults():
+    assert NODE_CLASS_MAPPINGS["IDFuseTrainIdentity"] is IDFuseTrainIdentity
+    assert IDFuseTrainIdentity.CATEGORY == "IDFuse/training"
+    required = IDFuseTrainIdentity.INPUT_TYPES()["required"]
+    names = list(required)
+    assert names[:4] == ["model", "clip", "vae", "images"]
+    defaults = {n: required[n][1].get("default") for n in names[4:]}
+    assert defaults["placeholder"] == "sks" and defaults["initializer"] == "person"
+    assert defaults["num_stages"] == 5 and defaults["learning_rate"] == 1e-4 and defaults["attention_weight"] == 0.003
+    assert defaults["attention_mode"] == "face_mask" and defaults["loss_layers"] == "2, 4"
+    assert defaults["lora_rank"] == 0 and defaults["lora_targets"] == "to_k, to_v"
+    assert set(IDFuseTrainIdentity.INPUT_TYPES()["optional"]) == {"masks", "face_analysis"}
+
+
+def test_gradients_reach_exactly_the_trainable_parameters(parts, monkeypatch):
+    """After the 2nd step (the LoRA's up-projection is no longer zero), every generator and LoRA
+    parameter has a non-zero gradient and no UNet, CLIP or VAE parameter has one; gradient
+    checkpointing gives the same gradients."""
+    frozen = {"unet": parts["model"].model, "clip": parts["clip"].cond_stage_model,
+              "vae": parts["vae"].first_stage_model}
+    seen: dict[bool, dict] = {}
+    original = IdentityTrainer.train_step
+
+    def spy(self):
+        losses = original(self)
+        if self.step == 2:
+            trainable = {f"generator.{n}": p for n, p in self.generator.named_parameters()}
+            trainable.update({f"lora.{n}": p for n, p in self.adapters.named_parameters()})
+            seen[self.settings.gradient_checkpointing] = {
+                "trainable": {n: None if p.grad is None else p.grad.clone() for n, p in trainable.items()},
+                "frozen": [f"{name}.{n}" for name, m in frozen.items() for n, p in m.named_parameters()
+                           if p.grad is not None],
+            }
+        return losses
+
+    monkeypatch.setattr(IdentityTrainer, "train_step", spy)
+    train(parts, "grads", attention_mode="both", lora_rank=2)
+    train(parts, "grads_checkpointed", attention_mode="both", lora_rank=2, gradient_checkpointing=True)
+    plain, checkpointed = seen[False], seen[True]
+    assert plain["frozen"] == [] and checkpointed["frozen"] == []
+    assert len(plain["trainable"]) > 10
+    for name, grad in plain["trainable"].items():
+        assert grad is not None and bool(grad.abs().sum() > 0), name
+        torch.testing.assert_close(checkpointed["trainable"][name], grad, rtol=1e-4, atol=1e-7)
+    assert all(p.grad is None for m in frozen.values() for p in m.parameters())
+
+
+def test_loss_goes_down(mask_and_off_runs):
+    for run in ("face", "off"):
+        losses = _report(mask_and_off_runs[run])["evaluation_diffusion_loss"]
+        print(f"{run}: evaluation diffusion loss {losses['before']:.4f} -> {losses['after']:.4f}")
+        assert losses["after"] < 0.9 * losses["before"], (run, losses)
+
+
+def test_face_mask_loss_moves_attention_onto_the_face(mask_and_off_runs):
+    face = _report(mask_and_off_runs["face"])["face_attention_share"]
+    off = _report(mask_and_off_runs["off"])["face_attention_share"]
+    assert face["before"] == off["before"]  # same seed: the same start
+    print(f"face share: face_mask {face['before']} -> {face['after']}, off {off['before']} -> {off['after']}")
+    # late-2024 core and ComfyUI 0.3.64 alike: 0.19 -> 0.57 against 0.19 -> 0.18 (the mask covers 19 % of the photo)
+    assert face["after"] > face["before"] + 0.15
+    assert face["after"] - face["before"] > off["after"] - off["before"] + 0.15
+
+
+def test_outputs_files_and_input_model(mask_and_off_runs, parts):
+    tokens, model_out, files, loss_curve, maps, report_text = mask_and_off_runs["face"]
+    assert mask_and_off_runs["input_untouched"]
+    paths = [Path(p) for p in files.splitlines()]
+    assert {p.suffix for p in paths} == {".safetensors", ".trainstate", ".json"} and all(p.is_file() for p in paths)
+    report = json.loads(report_text)
+    assert json.loads(Path(next(p for p in paths if p.suffix == ".json")).read_text()) == report
+    assert report["steps_done"] == LEARNING_STEPS and report["settings"]["attention_mode"] == "face_mask"
+    assert "float16_loss_scaling" not in report  # float32 here
+    saved = load_id_tokens(next(p for p in paths if p.parent.name == "tokens" and p.suffix == ".safetensors"))
+    assert saved.num_stages == 2 and saved.training["steps_done"] == LEARNING_STEPS and saved.generator
+    for name in ("clip_l",):
+        torch.testing.assert_close(saved.keys[name], tokens.keys[name])
+        assert not torch.equal(saved.keys[name], saved.values[name])
+    assert loss_curve.shape[0] == 1 and loss_curve.shape[-1] == 3
+    assert maps.shape == (2, SIZE, 3 * SIZE, 3)
+    assert model_out is not parts["model"]
+    # rank 0: the input model itself
+    assert train(parts, "tokens_only", steps=1, lora_rank=0, attention_mode="off")[1] is parts["model"]
+
+
+def _patched_weights(patcher) -> dict[str, torch.Tensor]:
+    """The weights as ComfyUI's model management loads them for sampling."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    try:
+        return {k: v.clone() for k, v in patcher.model.state_dict().items()}
+    finally:
+        comfy.model_management.unload_all_models()
+
+
+def test_saved_lora_loads_in_comfy_and_changes_exactly_the_trained_weights(mask_and_off_runs, parts):
+    import comfy.lora
+    import comfy.model_management
+    import comfy.sd
+    import comfy.utils
+
+    model = parts["model"]
+    lora_path = next(Path(p) for p in mask_and_off_runs["face"][2].splitlines() if Path(p).parent.name == "loras")
+    lora = comfy.utils.load_torch_file(str(lora_path))
+    strength = 0.7
+    loaded, _ = comfy.sd.load_lora_for_models(model, None, lora, strength, 0.0)
+    comfy.model_management.unload_all_models()
+    original = {k: v.clone() for k, v in model.model.state_dict().items()}
+    patched = _patched_weights(loaded)
+    names = {k[: -len(".lora_down.weight")] for k in lora if k.endswith(".lora_down.weight")}
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    trained = {key_map[n]: n for n in names}
+    assert len(trained) == 2 * len(select_layers("sd15"))  # to_k and to_v of every cross-attention layer
+    assert all(k.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for k in trained)
+    for key, weight in original.items():
+        if key in trained:
+            name = trained[key]
+            down, up = lora[f"{name}.lora_down.weight"], lora[f"{name}.lora_up.weight"]
+            expected = weight + strength * (up @ down) * float(lora[f"{name}.alpha"]) / down.shape[0]
+            torch.testing.assert_close(patched[key], expected, rtol=1e-5, atol=1e-6)
+            assert not torch.equal(patched[key], weight)
+        else:
+            assert torch.equal(patched[key], weight), key
+    # the node's MODEL output carries the same LoRA at strength 1
+    node_model = _patched_weights(mask_and_off_runs["face"][1])
+    at_one = _patched_weights(comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)[0])
+    for key in trained:
+        torch.testing.assert_close(node_model[key], at_one[key])
+
+
+def test_reference_prompt_uses_the_same_query_for_both_maps(parts, monkeypatch):
+    calls = []
+    original = attention_loss.explicit_attention
+
+    def spy(q, k, heads):
+        calls.append((q, k))
+        return original(q, k, heads)
+
+    monkeypatch.setattr(attention_loss, "explicit_attention", spy)
+    train(parts, "reference", steps=1, num_stages=1, attention_mode="reference_prompt", lora_rank=0)
+    pairs = [(a, b) for a, b in zip(calls, calls[1:], strict=False) if a[0] is b[0]]
+    assert len(pairs) == len(select_layers("sd15", (2, 4)))  # one training pass: target + reference per layer
+    for (q_target, k_target), (q_reference, k_reference) in pairs:
+        assert q_target is q_reference and k_target is not k_reference
+
+
+def test_interrupt_leaves_loadable_files_and_resume_reaches_the_same_state(parts, monkeypatch):
+    import comfy.model_management
+    import comfy.sd
+    import comfy.utils
+
+    common = {"steps": 5, "lora_rank": 2, "attention_mode": "face_mask", "checkpoint_every": 2}
+    full_tokens = train(parts, "uninterrupted", **common)[0]
+    full_lora = comfy.utils.load_torch_file(str(Path(tiny_lora_dir()) / "uninterrupted.safetensors"))
+
+    train_interrupted(parts, "interrupted", 4, monkeypatch, **common)
+
+    stopped = load_id_tokens(Path(tiny_tokens_dir()) / "interrupted.safetensors")
+    assert stopped.training["steps_done"] == 3
+    lora = comfy.utils.load_torch_file(str(Path(tiny_lora_dir()) / "interrupted.safetensors"))
+    comfy.sd.load_lora_for_models(parts["model"], None, lora, 1.0, 0.0)  # loads
+
+    resumed = train(parts, "interrupted", resume_from="interrupted.safetensors", **common)
+    assert _report(resumed)["steps_this_run"] == 2
+    for name in full_tokens.keys:
+        torch.testing.assert_close(resumed[0].keys[name], full_tokens.keys[name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(resumed[0].values[name], full_tokens.values[name], rtol=0, atol=1e-6)
+    resumed_lora = comfy.utils.load_torch_file(str(Path(tiny_lora_dir()) / "interrupted.safetensors"))
+    for key, value in full_lora.items():
+        torch.testing.assert_close(resumed_lora[key], value, rtol=0, atol=1e-6)
+
+
+def tiny_tokens_dir() -> str:
+    from comfyui_idfuse.nodes.glue.folders import ID_TOKENS_FOLDER, default_folder
+
+    return default_folder(ID_TOKENS_FOLDER)
+
+
+def tiny_lora_dir() -> str:
+    import folder_paths
+
+    return folder_paths.get_folder_paths("loras")[0]
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_state(parts, monkeypatch):
+    original = IdentityTrainer._micro_batch
+
+    def poisoned(self, step, micro):
+        diffusion, attention = original(self, step, micro)
+        return (diffusion * float("nan"), attention) if step == 2 else (diffusion, attention)
+
+    monkeypatch.setattr(IdentityTrainer, "_micro_batch", poisoned)
+    with pytest.raises(TrainingError, match=r"Training step 3: the loss is not finite.*step 2\) is saved"):
+        train(parts, "diverging", steps=4, lora_rank=0, attention_mode="off")
+    assert load_id_tokens(Path(tiny_tokens_dir()) / "diverging.safetensors").training["steps_done"] == 2
+
+
+def test_masks_of_another_size_are_resized_and_empty_masks_are_an_error():
+    images = torch.rand(2, 192, 128, 3)
+    masks = torch.zeros(1, 96, 64)
+    masks[:, 24:72, 16:48] = 1.0  # the middle half of the photo, given at half the photo's resolution
+    photos, resized = prepare_photos(images, masks, resolution=256)
+    assert photos.shape == (2, 320, 192, 3) and resized.shape == (2, 320, 192)  # one mask for both photos
+    rows, cols = torch.nonzero(resized[1] > 0.5, as_tuple=True)
+    assert (int(rows.min()), int(rows.max()), int(cols.min()), int(cols.max())) == (80, 239, 48, 143)
+    images = torch.rand(2, 96, 64, 3)
+    empty = torch.zeros(2, 96, 64)
+    empty[0, 10:20, 10:20] = 1.0
+    with pytest.raises(TrainingError, match="mask 2 of 2 is empty"):
+        prepare_photos(images, empty, resolution=128)
+    with pytest.raises(TrainingError, match="3 mask"):
+        prepare_photos(images, torch.ones(3, 96, 64), resolution=128)
+
+
+def test_empty_mask_through_the_node_names_the_input(parts):
+    with pytest.raises(TrainingError, match="masks: mask 1 of 2 is empty"):
+        train(parts, "empty_masks", masks=torch.zeros(2, 40, 40))
+
+
+def test_face_detection_fallback(parts):
+    class FakeDetector:  # insightface's det_model.detect: boxes with scores, 5 keypoints each
+        input_shape = None
+
+        def __init__(self, boxes):
+            self.boxes = boxes
+
+        def detect(self, image, input_size=None, max_num=0):
+            import numpy as np
+
+            found = np.array(self.boxes, dtype=np.float32).reshape(-1, 5)
+            return found, np.zeros((len(found), 5, 2), dtype=np.float32)
+
+    class FakeAnalysis:
+        def __init__(self, boxes):
+            self.det_model, self.det_size = FakeDetector(boxes), (640, 640)
+
+    photos = torch.rand(1, 256, 256, 3)
+    masks = face_masks(photos, FakeAnalysis([[64, 48, 192, 208, 0.9]]), required=True)
+    torch.testing.assert_close(masks, ellipse_mask(256, 256, (64, 48, 192, 208)).unsqueeze(0))
+    assert masks[0, 128, 128] == 1 and masks[0, 5, 5] == 0
+    with pytest.raises(TrainingError, match="No face found in photo"):
+        face_masks(photos, FakeAnalysis([]), required=True)
+    assert face_masks(photos, FakeAnalysis([]), required=False) is None
+
+
+def test_clear_errors_before_training(parts, tokenizer_dir):
+    with pytest.raises(ValueError, match="placeholder word 'zqxjkvw' is .* tokens"):
+        train(parts, "bad_placeholder", placeholder="zqxjkvw")
+    with pytest.raises(TrainingError, match="CLIP is SDXL's but the model is SD1.5"):
+        with torch.inference_mode():
+            IDFuseTrainIdentity().train(parts["model"], make_clip("sdxl", tokenizer_dir), parts["vae"],
+                                        parts["images"], **settings(save_name="mixed"))
+    with pytest.raises(TrainingError, match="exactly once"):
+        train(parts, "bad_template", templates="a photo of a face")
+    train(parts, "taken", steps=1, lora_rank=0, attention_mode="off")
+    with pytest.raises(TrainingError, match="already exists"):
+        train(parts, "taken", steps=1, lora_rank=0, attention_mode="off")
+
+
+def test_sdxl_trains_both_encoders(tokenizer_dir):
+    images, masks = face_photos(1)
+    parts = {"model": make_model("sdxl"), "clip": make_clip("sdxl", tokenizer_dir), "vae": tiny_vae(),
+             "images": images, "masks": masks}
+    tokens = train(parts, "sdxl_identity", steps=1, lora_rank=2, attention_mode="both", loss_layers="4")[0]
+    assert tokens.family == "sdxl" and set(tokens.keys) == {"clip_l", "clip_g"}
+    assert tokens.keys["clip_g"].shape == (2, 1280)
+
+
+def test_training_through_weights_made_in_inference_mode():
+    with torch.inference_mode():
+        layer = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="[Ii]nference tensors"):
+        layer(x).sum().backward()
+    weight = layer.weight
+    with without_inference_tensors(layer):
+        assert layer.weight.data_ptr() == weight.data_ptr()  # shares the memory: nothing copied
+        assert not layer.weight.is_inference()
+        layer(x).sum().backward()
+        assert x.grad is not None
+    assert layer.weight is weight
+
+
+def test_models_loaded_in_inference_mode_can_be_trained_through(tokenizer_dir):
+    """ComfyUI loads checkpoints inside torch.inference_mode: their weights are inference tensors."""
+    with torch.inference_mode():
+        images, masks = face_photos(1)
+        loaded = {"model": make_model("sd15", seed=1), "clip": make_clip("sd15", tokenizer_dir, seed=1),
+                  "vae": tiny_vae(), "images": images, "masks": masks}
+    assert next(loaded["model"].model.parameters()).is_inference()
+    tokens = train(loaded, "loaded_in_inference_mode", steps=2, lora_rank=2, attention_mode="both")[0]
+    assert torch.isfinite(tokens.keys["clip_l"]).all()
+    assert next(loaded["model"].model.parameters()).is_inference()  # the originals are back
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_diffusion_loss_is_in_the_models_own_parameterisation(prediction):
+    """From ComfyUI's x0 prediction the loss recovers the raw-output MSE: eps for eps models, v
+    (= α·ε − σ_vp·x0) for v-prediction models."""
+    from comfyui_idfuse.models.training.token_trainer import diffusion_loss
+
+    sampling = make_model("sd15", prediction=prediction).get_model_object("model_sampling")
+    gen = torch.Generator().manual_seed(0)
+    x0, noise, raw = (torch.randn(3, 4, 8, 8, generator=gen) for _ in range(3))
+    sigma = sampling.sigma(torch.tensor([10.0, 500.0, 990.0]))
+    s = sigma.view(-1, 1, 1, 1)
+    x_noisy = sampling.noise_scaling(s, noise, x0)
+    x0_pred = sampling.calculate_denoised(sigma, raw, x_noisy)
+    alpha, sigma_vp = 1 / (1 + s ** 2) ** 0.5, s / (1 + s ** 2) ** 0.5
+    target = noise if prediction == "eps" else alpha * noise - sigma_vp * x0
+    torch.testing.assert_close(diffusion_loss(sampling, sigma, x0_pred, x0), ((raw - target) ** 2).mean())
+
+
+def test_min_snr_weighting_and_lr_schedules_use_diffusers():
+    pytest.importorskip("diffusers")
+    from comfyui_idfuse.models.training.token_trainer import make_lr_scheduler, min_snr_weight
+
+    sampling = make_model("sd15").get_model_object("model_sampling")
+    timesteps = torch.tensor([0, 400, 999])
+    snr = 1 / sampling.sigmas[timesteps] ** 2  # SNR of ComfyUI's x0 + σ·ε
+    torch.testing.assert_close(min_snr_weight(sampling, timesteps, 5.0), snr.clamp(max=5.0).float())
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = make_lr_scheduler("cosine", optimizer, warmup_steps=2, total_steps=10)
+    rates = []
+    for _ in range(10):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == 0.0 and rates[2] == pytest.approx(1.0) and rates[-1] < 0.1
+    assert make_lr_scheduler("constant", optimizer, 0, 10) is None
+
+
+class _InfiniteGradient(torch.autograd.Function):
+    """Identity forward, infinite gradient backward: overflow without a non-finite loss."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def _overflow_at(steps: set[int], monkeypatch) -> None:
+    original = IdentityTrainer._micro_batch
+
+    def overflowing(self, step, micro):
+        diffusion, attention = original(self, step, micro)
+        return (_InfiniteGradient.apply(diffusion) if step in steps else diffusion), attention
+
+    monkeypatch.setattr(IdentityTrainer, "_micro_batch", overflowing)
+
+
+def _loss_scaler_state(save_name: str) -> dict | None:
+    from safetensors import safe_open
+
+    with safe_open(str(Path(tiny_tokens_dir()) / f"{save_name}.trainstate"), framework="pt") as f:
+        scaler = (f.metadata() or {}).get("loss_scaler")
+    return None if scaler is None else json.loads(scaler)
+
+
+def test_training_precision_follows_the_dtype_and_the_models_weights():
+    from comfyui_idfuse.nodes.glue.training_models import Precision, training_precision
+
+    cpu = torch.device("cpu")
+    full, half = make_model("sd15"), make_model("sd15", dtype=torch.float16)
+    assert training_precision("float16", full, cpu) == Precision(torch.float16, True)
+    assert training_precision("bfloat16", half, cpu) == Precision(torch.bfloat16, False)
+    assert training_precision("auto", full, cpu) == Precision(None, False)
+    assert training_precision("float32", full, cpu) == Precision(None, False)
+    # float16 weights without autocast: the model computes in float16, so the loss is scaled
+    assert training_precision("auto", half, cpu) == Precision(None, True)
+    clone = half.clone()
+    if hasattr(clone, "set_model_compute_dtype"):  # ComfyUI that can cast weights layer by layer
+        assert training_precision("float32", clone, cpu) == Precision(None, False)
+        assert clone.object_patches["manual_cast_dtype"] is torch.float32
+        assert "manual_cast_dtype" not in half.object_patches
+    else:
+        assert training_precision("float32", clone, cpu) == Precision(None, True)
+
+
+def test_float16_training_scales_the_loss_and_skips_overflowing_steps(parts, monkeypatch):
+    # λ = 1: the tests' λ = 300 makes gradients that overflow float16 at the initial scale of 2**16
+    common = {"steps": 3, "lora_rank": 2, "attention_mode": "face_mask", "attention_weight": 1.0}
+    clean = train(parts, "fp16_clean", training_dtype="float16", **common)
+    assert _loss_scaler_state("fp16_clean") == {"scale": 2.0 ** 16, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                                "growth_interval": 2000, "_growth_tracker": 3, "skipped_steps": 0,
+                                                "skipped_total": 0}
+    tokens = clean[0]
+    assert all(bool(torch.isfinite(v).all()) for v in [*tokens.keys.values(), *tokens.values.values()])
+    assert all(v.dtype == torch.float32 for v in tokens.generator.values())
+
+    _overflow_at({1}, monkeypatch)
+    overflowed = train(parts, "fp16_overflow", training_dtype="float16", **common)
+    state = _loss_scaler_state("fp16_overflow")
+    assert state["scale"] == 2.0 ** 15 and state["skipped_steps"] == 0  # step 2 skipped, step 3 not
+    assert _report(overflowed)["steps_done"] == 3
+    assert _report(overflowed)["float16_loss_scaling"] == {"final_scale": 2.0 ** 15, "skipped_steps": 1}
+    with pytest.raises(TrainingError, match=r"Training step 2: the gradient is not finite"):
+        train(parts, "fp32_overflow", training_dtype="float32", **common)
+
+
+def test_float16_stops_when_every_step_overflows(parts, monkeypatch):
+    from comfyui_idfuse.models.training import token_trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "MAX_SKIPPED_STEPS", 2)
+    _overflow_at({0, 1, 2, 3}, monkeypatch)
+    with pytest.raises(TrainingError, match=r"step 2: the gradient in 2 float16 steps in a row is not finite"):
+        train(parts, "fp16_diverging", steps=4, lora_rank=0, attention_mode="off", training_dtype="float16")
+
+
+def test_a_float16_model_trains_with_loss_scaling(tokenizer_dir):
+    images, masks = face_photos(1)
+    half = {"model": make_model("sd15", dtype=torch.float16), "clip": make_clip("sd15", tokenizer_dir),
+            "vae": tiny_vae(), "images": images, "masks": masks}
+    outputs = train(half, "fp16_weights", steps=2, lora_rank=2, attention_mode="face_mask")
+    assert _loss_scaler_state("fp16_weights") is not None
+    assert all(bool(torch.isfinite(v).all()) for v in outputs[0].keys.values())
+
+
+def test_float16_resume_restores_the_loss_scale(parts, monkeypatch):
+    """λ = 300 overflows float16 in the first steps, so the scale drops; a resumed run must start from
+    the saved scale (not 2**16 again, which would skip steps the uninterrupted run took)."""
+
+    common = {"steps": 4, "lora_rank": 0, "attention_mode": "face_mask", "training_dtype": "float16",
+              "checkpoint_every": 1}
+    full = train(parts, "fp16_full", **common)[0]
+    full_scaler = _loss_scaler_state("fp16_full")
+    train_interrupted(parts, "fp16_cut", 3, monkeypatch, **common)
+    assert _loss_scaler_state("fp16_cut")["scale"] < 2.0 ** 16  # the overflow this test is about happened
+    resumed = train(parts, "fp16_cut", resume_from="fp16_cut.safetensors", **common)[0]
+    assert _loss_scaler_state("fp16_cut") == full_scaler
+    for name in full.keys:
+        torch.testing.assert_close(resumed.keys[name], full.keys[name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(resumed.values[name], full.values[name], rtol=0, atol=1e-6)
