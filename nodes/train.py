@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from ..models.errors import NonFiniteLossError, TrainingError
 from ..models.files import atomic_save_safetensors, atomic_write_text
 from ..models.tokens.format import ENCODERS, IDTokens
 from ..models.tokens.generator import GeneratorConfig, IDTokenGenerator
@@ -29,19 +30,8 @@ from ..models.training.frozen import training_context
 from ..models.training.lora import lora_hooks
 from ..models.training.photos import AUGMENTATIONS, prepare_photos, training_variants
 from ..models.training.plots import render_loss_curve
-from ..models.training.token_trainer import (
-    DEFAULT_TEMPLATES,
-    LR_SCHEDULES,
-    TRAINING_DTYPES,
-    Evaluation,
-    Host,
-    IdentityTrainer,
-    NonFiniteLossError,
-    PromptTable,
-    TrainingData,
-    TrainingError,
-    TrainingSettings,
-)
+from ..models.training.settings import DEFAULT_TEMPLATES, LR_SCHEDULES, TRAINING_DTYPES, TrainingSettings
+from ..models.training.token_trainer import Evaluation, Host, IdentityTrainer, PromptTable, TrainingData
 from ..models.unet import FAMILY_NAMES
 from .glue.face_masks import face_masks, mask_preview
 from .glue.folders import ID_TOKENS_FOLDER

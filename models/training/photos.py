@@ -8,7 +8,7 @@ import logging
 import torch
 from torch.nn import functional as F
 
-from .token_trainer import TrainingError
+from ..errors import TrainingError
 
 log = logging.getLogger(__name__)
 

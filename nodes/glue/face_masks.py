@@ -9,9 +9,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ...models.errors import TrainingError
 from ...models.faces.cascade import Box, CascadeFaceDetector, FaceDetectorUnavailable, ellipse_mask
 from ...models.training.photos import rgb_photos
-from ...models.training.token_trainer import TrainingError
 
 log = logging.getLogger(__name__)
 

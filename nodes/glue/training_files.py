@@ -8,8 +8,9 @@ from pathlib import Path
 
 import folder_paths
 
+from ...models.errors import TrainingError
 from ...models.tokens.format import IDTokens, load_id_tokens
-from ...models.training.token_trainer import TrainingError, TrainingSettings
+from ...models.training.settings import TrainingSettings
 from .folders import ID_TOKENS_FOLDER, default_folder
 
 TRAINER_FORMAT = "idfuse.trainer"

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 import torch
 from comfy.ldm.modules.attention import optimized_attention
 
+from ...models.errors import TrainingError
 from ...models.training.attention import AttentionProbes
 from ...models.training.frozen import VALUES_CONTEXT, ValuesContextPatch
-from ...models.training.token_trainer import TrainingError, TrainingSettings
+from ...models.training.settings import TrainingSettings
 from ...models.unet import FAMILY_NAMES, cross_attention_path, select_layers
 from .id_encoding import single_token_id
 from .model_info import TOKENIZER_KEYS

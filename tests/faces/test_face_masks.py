@@ -11,8 +11,8 @@ import pytest
 import torch
 from skimage import data
 
+from comfyui_idfuse.models.errors import TrainingError
 from comfyui_idfuse.models.faces.cascade import CascadeFaceDetector, ellipse_mask
-from comfyui_idfuse.models.training.token_trainer import TrainingError
 from comfyui_idfuse.nodes import NODE_CLASS_MAPPINGS
 from comfyui_idfuse.nodes.glue.face_masks import face_masks
 from comfyui_idfuse.nodes.train import IDFuseFaceMasks
