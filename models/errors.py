@@ -20,6 +20,10 @@ class UnsupportedModelError(IDFuseError, ValueError):
     """The model is not one the pack supports (family, sampling type)."""
 
 
+class ModelLayerNotFound(UnsupportedModelError, LookupError):
+    """The UNet lacks a cross-attention layer of the family's block table (an unusual UNet layout)."""
+
+
 class IDTokensError(IDFuseError, ValueError):
     """A token file or token set that cannot be used."""
 
@@ -46,6 +50,18 @@ class FaceDetectorUnavailable(FaceAnalysisError):
 
 class TrainingError(IDFuseError, RuntimeError):
     """Training cannot start or go on."""
+
+
+class TrainingSettingsError(TrainingError, ValueError):
+    """A training setting that cannot be used (unknown mode, a loss without what it needs)."""
+
+
+class NoFaceInTrainingPhotoError(NoFaceError, TrainingError):
+    """A training photo without a face where its face mask is needed (the attention loss, IDFuse Face Masks)."""
+
+
+class TrainingFaceDetectorUnavailable(FaceDetectorUnavailable, TrainingError):
+    """The built-in detector for training masks cannot run (scikit-image is missing)."""
 
 
 class NonFiniteLossError(TrainingError):

@@ -14,13 +14,23 @@ from safetensors.torch import load_file, save_file
 
 from .errors import IDFuseError
 
+# Temporary files: ".<final name>." + mkstemp's 8 random characters + ".tmp", beside the final file.
+TEMPORARY_SUFFIX = ".tmp"
+_RANDOM_CHARACTERS = 8
+
+
+def temporary_name(final_name: str) -> str:
+    """The (longest) name atomic_write gives the temporary file of ``final_name``: names that will be
+    created can be checked against the file system's limit before any work."""
+    return f".{final_name}.{'x' * _RANDOM_CHARACTERS}{TEMPORARY_SUFFIX}"
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """``write(temporary_path)``, then rename onto ``path``: a temporary file in the same folder, so
     the rename is atomic, removed again if anything fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)

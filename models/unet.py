@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .errors import UnsupportedModelError
+from .errors import ModelLayerNotFound, UnsupportedModelError
 
 
 class BlockKey(NamedTuple):
@@ -107,15 +107,19 @@ def cross_attention_path(diffusion_model: nn.Module, key: BlockKey) -> str:
     ``input_blocks.1.1.transformer_blocks.0.attn2``. The spatial transformer's place inside its
     block is looked up, not assumed."""
     attribute = _BLOCK_ATTRIBUTES[key.block]
-    container = getattr(diffusion_model, attribute)
-    block = container if key.block == "middle" else container[key.block_id]
+    container = getattr(diffusion_model, attribute, None)
+    if key.block == "middle" or container is None:
+        block = container
+    else:
+        block = container[key.block_id] if key.block_id < len(container) else None
     prefix = attribute if key.block == "middle" else f"{attribute}.{key.block_id}"
-    for position, child in enumerate(block):
+    for position, child in enumerate(() if block is None else block):
         if hasattr(child, "transformer_blocks"):
             if key.index >= len(child.transformer_blocks):
                 break
             return f"{prefix}.{position}.transformer_blocks.{key.index}.attn2"
-    raise LookupError(f"The UNet has no cross-attention layer {key}; is it an SD1.5 or SDXL model?")
+    raise ModelLayerNotFound(f"The UNet has no cross-attention layer {key}: its layout is not a standard SD1.5 or SDXL "
+                             f"UNet. Load an SD1.5 or SDXL checkpoint.")
 
 
 def layer_grid(latent_hw: Sequence[int], downscale: int) -> tuple[int, int]:

@@ -3,42 +3,16 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import comfy.model_management
 import comfy.model_patcher
-import folder_paths
 import torch
 
-from ..models.encoders.encoder import KIND_NAMES, IDEncoder, IDEncoderError, is_plus_v2_name, load_id_encoder
-from .glue.folders import ID_ENCODERS_FOLDER, IPADAPTER_FOLDER
+from ..models.encoders import load_id_encoder
+from ..models.errors import IDEncoderError
+from .glue.id_encoders import LoadedIDEncoder, encoder_choices, encoder_path
 
-log = logging.getLogger(__name__)
-
-IPADAPTER_PREFIX = "ipadapter/"
-
-
-@dataclass(frozen=True)
-class LoadedIDEncoder:
-    """The ID_ENCODER value: the encoder and the ModelPatcher through which ComfyUI loads and offloads it."""
-
-    patcher: comfy.model_patcher.ModelPatcher
-    encoder: IDEncoder
-    source: str
-
-
-def encoder_choices() -> list[str]:
-    own = folder_paths.get_filename_list(ID_ENCODERS_FOLDER)
-    return own + [IPADAPTER_PREFIX + name for name in folder_paths.get_filename_list(IPADAPTER_FOLDER)]
-
-
-def encoder_path(name: str) -> str | None:
-    if name.startswith(IPADAPTER_PREFIX):
-        path = folder_paths.get_full_path(IPADAPTER_FOLDER, name[len(IPADAPTER_PREFIX):])
-        if path is not None:
-            return path
-    return folder_paths.get_full_path(ID_ENCODERS_FOLDER, name)
-
+log = logging.getLogger("idfuse.nodes")
 
 class IDFuseLoadIDEncoder:
     DESCRIPTION = ("Loads an Infinite-ID ID encoder: the face mapper (ArcFace embedding -> ID tokens), the CLIP "
@@ -70,13 +44,12 @@ class IDFuseLoadIDEncoder:
         device = comfy.model_management.get_torch_device()
         dtype = torch.float16 if comfy.model_management.should_use_fp16(device) else torch.float32
         encoder = load_id_encoder(path, dtype=dtype)
-        if encoder.kind == "faceid_plus" and not is_plus_v2_name(encoder_name):
-            log.info("%s: FaceID-Plus weights and no 'plusv2' in the name, so used as FaceID-Plus (v1). If it is "
-                     "a FaceID-PlusV2 file, rename it to contain 'plusv2'.", encoder_name)
+        if note := encoder.encoder_kind.loaded_note(encoder):
+            log.info("%s: %s", encoder_name, note)
         patcher = comfy.model_patcher.ModelPatcher(encoder, load_device=device,
                                                    offload_device=comfy.model_management.unet_offload_device())
         log.info("Loaded ID encoder %s: %s for %s, %d tokens, %d LoRA weights", encoder_name,
-                 KIND_NAMES[encoder.kind], encoder.family, encoder.num_tokens, len(encoder.lora))
+                 encoder.encoder_kind.display_name, encoder.family, encoder.num_tokens, len(encoder.lora))
         return (LoadedIDEncoder(patcher, encoder, encoder_name),)
 
 

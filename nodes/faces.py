@@ -1,4 +1,4 @@
-"""Infinite-ID face input: load insightface's face analysis, embed the face of reference photos.
+"""Infinite-ID face input: load a face backend (insightface's models), embed the face of reference photos.
 
 Thin ComfyUI glue over models/faces/. insightface and onnxruntime are imported only
 when a node runs, so the pack loads without them.
@@ -6,35 +6,16 @@ when a node runs, so the pack loads without them.
 
 from __future__ import annotations
 
-import logging
-
 import folder_paths
 import torch
 
-from ..models.faces.insightface import (
-    COMBINE_MODES,
-    DEFAULT_DET_SIZE,
-    FACE_CHOICES,
-    MODEL_PACKS,
-    NO_FACE_ACTIONS,
-    FaceEmbedding,
-    available_providers,
-    embed_faces,
-    load_face_analysis,
-)
-from .glue.folders import INSIGHTFACE_FOLDER
-
-log = logging.getLogger(__name__)
+from ..models.faces import as_face_backend, load_backend, model_names, providers
+from ..models.faces.embed import COMBINE_MODES, FACE_CHOICES, NO_FACE_ACTIONS, embed_faces
+from ..models.faces.insightface import DEFAULT_DET_SIZE
+from ..models.faces.types import FaceBackend, FaceEmbedding
+from .glue.clip_vision import clip_vision_penultimate
 
 CATEGORY = "IDFuse/Infinite-ID"
-
-def insightface_roots() -> list[str]:
-    return folder_paths.get_folder_paths(INSIGHTFACE_FOLDER)
-
-
-def clip_vision_penultimate(clip_vision, crops: torch.Tensor) -> torch.Tensor:
-    """ComfyUI CLIP_VISION -> penultimate hidden states [K, 257, 1280] (ViT-H/14) of IMAGE crops [K, 224, 224, 3]."""
-    return clip_vision.encode_image(crops).penultimate_hidden_states
 
 
 class IDFuseLoadFaceAnalysis:
@@ -45,17 +26,18 @@ class IDFuseLoadFaceAnalysis:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("FACE_ANALYSIS",)
     RETURN_NAMES = ("face_analysis",)
-    OUTPUT_TOOLTIPS = ("insightface's FaceAnalysis with a face detector and an ArcFace recognition model.",)
+    OUTPUT_TOOLTIPS = ("The face backend: insightface's face detector and ArcFace recognition model of the chosen pack "
+                       "(for IDFuse Face Embed, IDFuse Face Masks and IDFuse Train Identity).",)
     FUNCTION = "load"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model_name": (list(MODEL_PACKS), {
+            "model_name": (model_names(), {
                 "tooltip": "insightface model pack in models/insightface/models/<name>/ (or in a folder listed under "
                            "'insightface' in extra_model_paths.yaml). antelopev2 (glintr100 recogniser) is what "
                            "InstantID/PuLID use; IP-Adapter FaceID was trained with buffalo_l (w600k_r50)."}),
-            "provider": (available_providers(), {
+            "provider": (providers(), {
                 "tooltip": "Where onnxruntime runs the face models. CUDA appears only with onnxruntime-gpu installed "
                            "(instead of onnxruntime, not next to it)."}),
             "det_size": ("INT", {
@@ -64,8 +46,8 @@ class IDFuseLoadFaceAnalysis:
                            "is found, IDFuse Face Embed also tries smaller sizes (512, 384, 256, 160)."}),
         }}
 
-    def load(self, model_name: str, provider: str, det_size: int):
-        return (load_face_analysis(model_name, insightface_roots(), provider, det_size),)
+    def load(self, model_name: str, provider: str, det_size: int) -> tuple[FaceBackend]:
+        return (load_backend(model_name, folder_paths.get_folder_paths, provider, det_size),)
 
 
 class IDFuseFaceEmbed:
@@ -119,8 +101,9 @@ class IDFuseFaceEmbed:
         if clip_vision is not None:
             def encoder(crops: torch.Tensor) -> torch.Tensor:
                 return clip_vision_penultimate(clip_vision, crops)
-        embedding, preview = embed_faces(face_analysis, image, face_choice=face_choice, face_index=face_index,
-                                         combine=combine, on_no_face=on_no_face, clip_encoder=encoder)
+        embedding, preview = embed_faces(as_face_backend(face_analysis), image, face_choice=face_choice,
+                                         face_index=face_index, combine=combine, on_no_face=on_no_face,
+                                         clip_encoder=encoder)
         return (embedding, preview)
 
 

@@ -6,18 +6,18 @@ import logging
 
 import folder_paths
 
-from ..models.tokens.format import IDTokens, IDTokensError, load_id_tokens
-from ..models.tokens.patch import StageContextPatch, StageContexts
+from ..models.errors import IDFuseInputError, IDTokensError
+from ..models.tokens.format import IDTokens, load_id_tokens
+from ..models.tokens.patch import StageContextPatch
 from .glue.folders import ID_TOKENS_FOLDER
-from .glue.id_encoding import encode_with_identity
+from .glue.id_encoding import STAGE_CONTEXTS, encode_with_identity, stage_contexts_in
 from .glue.model_info import model_family
+from .glue.sampling import sigma_range
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("idfuse.nodes")
 
 CATEGORY = "IDFuse/identity tokens"
 
-# Key under which IDFuseEncodeWithID stores the per-stage contexts in a CONDITIONING entry.
-STAGE_CONTEXTS = "idfuse_stage_contexts"
 
 
 class IDFuseLoadIDTokens:
@@ -40,7 +40,7 @@ class IDFuseLoadIDTokens:
     def load(self, tokens_name: str) -> tuple[IDTokens]:
         path = folder_paths.get_full_path(ID_TOKENS_FOLDER, tokens_name)
         if path is None:
-            raise IDTokensError(f"Identity tokens '{tokens_name}' not found in models/idfuse/tokens; "
+            raise IDTokensError(f"tokens_name '{tokens_name}' not found in models/idfuse/tokens; "
                                 f"put the file there and refresh the page.")
         tokens = load_id_tokens(path)
         log.info("Loaded identity tokens %s: %s, %d stages, placeholder '%s'",
@@ -71,21 +71,13 @@ class IDFuseEncodeWithID:
 
     def encode(self, clip, id_tokens: IDTokens, text: str):
         if clip is None:
-            raise RuntimeError("IDFuse Encode With ID: the clip input is None; the checkpoint has no text encoder.")
+            raise IDFuseInputError("The clip input is None: the checkpoint has no text encoder. Connect the CLIP of an "
+                                   "SD1.5 or SDXL checkpoint.")
         plain, pooled, contexts = encode_with_identity(clip, text, id_tokens)
         options = {STAGE_CONTEXTS: contexts}
         if pooled is not None:
             options["pooled_output"] = pooled
         return ([[plain, options]],)
-
-
-def stage_contexts_in(conditioning) -> list[StageContexts]:
-    found = []
-    for _cond, options in conditioning:
-        contexts = options.get(STAGE_CONTEXTS)
-        if contexts is not None and all(contexts is not f for f in found):
-            found.append(contexts)
-    return found
 
 
 class IDFuseApplyIDTokens:
@@ -117,20 +109,18 @@ class IDFuseApplyIDTokens:
     def apply(self, model, conditioning, strength: float, start_percent: float, end_percent: float):
         prompts = stage_contexts_in(conditioning)
         if not prompts:
-            raise IDTokensError("IDFuse Apply ID Tokens: the conditioning holds no identity prompt. Connect the "
-                                "output of IDFuse Encode With ID to its conditioning input.")
+            raise IDFuseInputError("The conditioning holds no identity prompt. Connect the output of IDFuse Encode "
+                                   "With ID to the conditioning input.")
         family = model_family(model)
         for prompt in prompts:
             if prompt.family != family:
-                raise IDTokensError(f"IDFuse Apply ID Tokens: the identity prompt ({prompt.source}) was encoded for "
-                                    f"{prompt.family}, but the model is {family}. Use a matching checkpoint.")
-        if start_percent > end_percent:
-            raise ValueError(f"IDFuse Apply ID Tokens: start_percent ({start_percent}) is after end_percent "
-                             f"({end_percent}); set start_percent <= end_percent.")
+                raise IDTokensError(f"The identity prompt in conditioning ({prompt.source}) was encoded for "
+                                    f"{prompt.family}, but the model is {family}. Use a checkpoint of the identity's "
+                                    f"family.")
+        sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
         sampling = model.get_model_object("model_sampling")
         patch = StageContextPatch(prompts, strength, timestep_of_sigma=sampling.timestep,
-                                  sigma_start=float(sampling.percent_to_sigma(start_percent)),
-                                  sigma_end=float(sampling.percent_to_sigma(end_percent)))
+                                  sigma_start=sigma_start, sigma_end=sigma_end)
         patched = model.clone()
         patched.set_model_attn2_patch(patch)
         return (patched,)

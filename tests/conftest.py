@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import os
 import sys
-from pathlib import Path
 
-# Helpers and fixtures live in tests/support/ and are imported by their module names.
-sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
+# Helpers and fixtures live in tests/support/ and are imported by their module names. The path is
+# not resolved, so that comfy_env sees a pack symlinked into ComfyUI/custom_nodes/ where it is reached.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "support"))
 
 import comfy_env  # noqa: E402
 import pytest  # noqa: E402
@@ -13,7 +14,7 @@ COMFY = comfy_env.setup_comfy()
 
 
 def pytest_report_header(config):
-    return f"ComfyUI: {COMFY.kind} at {COMFY.root}"
+    return f"ComfyUI: {COMFY.kind} at {COMFY.root} ({COMFY.found_by})"
 
 
 @pytest.fixture(scope="session")
@@ -36,8 +37,6 @@ def isolated_model_folders(tmp_path_factory):
     """In-process tests never write into a real ComfyUI's models folder (with COMFYUI_PATH set, the
     real folder_paths points there): every model folder under its models_dir is redirected into a
     temporary one for the session, and restored afterwards."""
-    import os
-
     import folder_paths
 
     root = tmp_path_factory.mktemp("comfy-models")

@@ -7,7 +7,7 @@ registration order — down blocks, up blocks, then the middle block; attn1 (sel
 before attn2 (cross-attention) in each transformer — so it is read from diffusers itself
 instead of being written down here: a UNet of the family's published configuration is built
 on the meta device (no weights, well under a second) and each processor name is mapped onto
-the pack's block keys (``models.blocks``, the one table of layers).
+the pack's block keys (``models.unet``, the one table of layers).
 
 diffusers is imported on first use only: importing it takes seconds.
 """
@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..errors import IDEncoderError
 from ..unet import BlockKey, block_keys
 
 # The families' published UNet configurations (unet/config.json of runwayml/stable-diffusion-v1-5
@@ -77,7 +78,8 @@ def _comfy_layer_key(name: str, layers_per_block: int) -> tuple[tuple[str, int, 
     """
     match = _PROCESSOR_NAME.match(name)
     if match is None:
-        raise ValueError(f"Unexpected diffusers attention processor name {name!r}; update processor_order.py.")
+        raise IDEncoderError(f"Unexpected diffusers attention processor name {name!r} (a diffusers version this "
+                             f"IDFuse does not know); update processor_order.py.")
     position, index = int(match["position"]), int(match["index"])
     if match["part"] == "mid_block":
         return ("middle", 0, index), match["kind"]
@@ -93,8 +95,8 @@ def processors(family: str) -> tuple[Processor, ...]:
     try:
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
     except ImportError as e:
-        raise ImportError("Reading IP-Adapter checkpoints needs the diffusers package (its processor order "
-                          "numbers the weights): pip install -r requirements.txt") from e
+        raise IDEncoderError("Reading IP-Adapter checkpoints needs the diffusers package (its processor order "
+                             "numbers the weights): pip install -r requirements.txt") from e
 
     config = DIFFUSERS_UNET_CONFIGS[family]
     with torch.device("meta"):
@@ -104,8 +106,8 @@ def processors(family: str) -> tuple[Processor, ...]:
     for number, name in enumerate(unet.attn_processors):
         key, attention = _comfy_layer_key(name, config["layers_per_block"])
         if key not in layers:
-            raise ValueError(f"diffusers' {family} UNet has attention {name!r} at {key}, which is not in the "
-                             f"block table of models/blocks.py.")
+            raise IDEncoderError(f"diffusers' {family} UNet has attention {name!r} at {key}, which is not in the "
+                                 f"block table of models/unet.py; update processor_order.py.")
         module = unet.get_submodule(name.removesuffix(".processor"))
         found.append(Processor(number, name, layers[key], attention, module.to_q.in_features))
     return tuple(found)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import IDFuseInputError
+
 Attention = Callable[..., torch.Tensor]  # optimized_attention(q, k, v, heads, ...)
 
 
@@ -81,7 +83,7 @@ class MixedSelfAttention:
 
     def __init__(self, attention: Attention, adain: str = "mean", window: SigmaWindow | None = None):
         if adain not in ADAIN_MODES:
-            raise ValueError(f"adain must be one of {sorted(ADAIN_MODES)}, got {adain!r}")
+            raise IDFuseInputError(f"adain {adain!r} is not one of {', '.join(ADAIN_MODES)}; pick one of those.")
         self.attention = attention
         self.adain = adain
         self.window = window or SigmaWindow()

@@ -53,14 +53,22 @@ class IDTokens:
         if self.family not in ENCODERS:
             raise IDTokensError(f"{where}: unknown model family '{self.family}' (expected one of {sorted(ENCODERS)}).")
         expected = ENCODERS[self.family]
-        for kind, table in (("keys", self.keys), ("values", self.values)):
+        tables = (("keys", self.keys), ("values", self.values))
+        for kind, table in tables:
             if set(table) != set(expected):
                 raise IDTokensError(
                     f"{where}: {kind} has vectors for encoders {sorted(table)}, but a "
                     f"{FAMILY_NAMES[self.family]} identity needs {sorted(expected)}.")
+            for name, tensor in table.items():
+                # Before num_stages is read: it is the first dimension of these tensors.
+                if tensor.ndim != 2:
+                    raise IDTokensError(
+                        f"{where}: {kind}.{name} is a {tensor.ndim}-dimensional tensor of shape "
+                        f"{tuple(tensor.shape)}, expected (stages, {expected[name]}); the file is damaged.")
+        for kind, table in tables:
             for name, width in expected.items():
                 tensor = table[name]
-                if tensor.ndim != 2 or tensor.shape[1] != width or tensor.shape[0] != self.num_stages:
+                if tensor.shape[1] != width or tensor.shape[0] != self.num_stages:
                     raise IDTokensError(
                         f"{where}: {kind}.{name} has shape {tuple(tensor.shape)}, expected "
                         f"({self.num_stages}, {width}) for {FAMILY_NAMES[self.family]}.")
@@ -110,8 +118,8 @@ def load_id_tokens(path: str | os.PathLike) -> IDTokens:
         raise IDTokensError(
             f"{where}: not an IDFuse identity-token file (metadata format={meta.get('format')!r}, "
             f"expected {FORMAT_NAME!r}). Token files are made by IDFuse Train Identity.")
-    version = int(meta.get("format_version", "0"))
-    if version > FORMAT_VERSION:
+    version = _whole_number(meta, "format_version", where)
+    if version is not None and version > FORMAT_VERSION:
         raise IDTokensError(f"{where}: format version {version} is newer than this IDFuse supports "
                             f"({FORMAT_VERSION}); update the pack.")
     try:
@@ -125,12 +133,28 @@ def load_id_tokens(path: str | os.PathLike) -> IDTokens:
             training=json.loads(meta.get("training", "{}")),
             source=path.name,
         )
-    except (KeyError, json.JSONDecodeError) as e:
-        raise IDTokensError(f"{where}: metadata is incomplete or broken ({e}).") from e
+    except KeyError as e:
+        raise IDTokensError(f"{where}: the metadata has no {e.args[0]!r} entry; the file is incomplete.") from e
+    except json.JSONDecodeError as e:
+        raise IDTokensError(f"{where}: the metadata entry 'training' is not valid JSON ({e}).") from e
+    if not isinstance(tokens.training, dict):
+        raise IDTokensError(f"{where}: the metadata entry 'training' is a JSON {type(tokens.training).__name__}, "
+                            f"expected an object.")
     if not tokens.keys:
         raise IDTokensError(f"{where}: holds no keys.* vectors.")
-    declared = int(meta.get("num_stages", tokens.num_stages))
-    if declared != tokens.num_stages:
-        raise IDTokensError(f"{where}: metadata says {declared} stages but the vectors have {tokens.num_stages}.")
     tokens.validate()
+    declared = _whole_number(meta, "num_stages", where)
+    if declared is not None and declared != tokens.num_stages:
+        raise IDTokensError(f"{where}: metadata says {declared} stages but the vectors have {tokens.num_stages}.")
     return tokens
+
+
+def _whole_number(meta: dict[str, str], name: str, where: str) -> int | None:
+    """A metadata entry that must be a whole number; None when the file has none."""
+    if name not in meta:
+        return None
+    try:
+        return int(meta[name])
+    except ValueError as e:
+        raise IDTokensError(f"{where}: the metadata entry {name!r} is {meta[name]!r}, not a whole number; the file "
+                            f"is damaged or was not written by IDFuse.") from e

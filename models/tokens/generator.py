@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..errors import IDTokensError
+
 
 @dataclass(frozen=True)
 class GeneratorConfig:
@@ -49,7 +51,9 @@ class IDTokenGenerator(nn.Module):
     def __init__(self, config: GeneratorConfig, initializer: dict[str, torch.Tensor], seed: int = 0):
         super().__init__()
         if set(initializer) != set(config.encoders):
-            raise ValueError(f"Initialiser embeddings for {sorted(initializer)}, expected {sorted(config.encoders)}.")
+            raise IDTokensError(f"The initialiser word was embedded for text encoders {sorted(initializer)}, the "
+                                f"token generator is set up for {sorted(config.encoders)}; use a CLIP of the same "
+                                f"model family.")
         self.config = config
         names = sorted(config.encoders)
         self.initializer = _Buffers({n: initializer[n].reshape(-1, config.encoders[n]) for n in names})

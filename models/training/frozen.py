@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("idfuse.training")
 
 
 @contextmanager
@@ -79,7 +79,7 @@ def without_inference_tensors(*modules: nn.Module) -> Iterator[None]:
                         swapped.append((module, name, False, buffer))
                         module._buffers[name] = _normal_alias(buffer)
         if swapped:
-            log.info("IDFuse trainer: %d inference-mode tensors aliased so autograd can use them", len(swapped))
+            log.info("%d inference-mode tensors aliased so autograd can use them", len(swapped))
         yield
     finally:
         for module, name, is_param, original in reversed(swapped):

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from ..errors import TrainingError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("idfuse.training")
 
 AUGMENTATIONS = ("flip", "flip + crop/scale", "crop/scale", "none")
 
@@ -30,12 +30,14 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def rgb_photos(images: torch.Tensor) -> torch.Tensor:
-    """A checked IMAGE batch as RGB float on the CPU (P, H, W, 3): alpha dropped, grey expanded."""
-    if images.ndim != 4 or images.shape[0] == 0 or images.shape[-1] not in (1, 3, 4):
+    """A checked IMAGE batch as RGB float on the CPU (P, H, W, 3), the pixels the face detectors see:
+    alpha composited over black, grey expanded (the one conversion, in models/faces/images.py)."""
+    from ..faces.images import rgb_float
+
+    if images.ndim != 4 or images.shape[0] == 0 or images.shape[-1] not in (1, 2, 3, 4):
         raise TrainingError(f"images: expected a batch of photos [count, height, width, channels], got shape "
                             f"{tuple(images.shape)}.")
-    pixels = images[..., :3].float().cpu()
-    return pixels.expand(-1, -1, -1, 3) if pixels.shape[-1] == 1 else pixels
+    return rgb_float(images)
 
 
 def prepare_photos(images: torch.Tensor, masks: torch.Tensor | None, resolution: int
@@ -58,11 +60,11 @@ def prepare_photos(images: torch.Tensor, masks: torch.Tensor | None, resolution:
             raise TrainingError(f"masks: mask {index + 1} of {masks.shape[0]} is empty (no pixel above 0.5). Paint "
                                 f"the face white (1) in every mask, or disconnect masks to detect faces.")
     if tuple(masks.shape[-2:]) != (height, width):
-        log.info("IDFuse trainer: masks are %dx%d, photos %dx%d; resizing the masks", masks.shape[-1],
+        log.info("masks are %dx%d, photos %dx%d; resizing the masks", masks.shape[-1],
                  masks.shape[-2], width, height)
     resized = _resize(masks.unsqueeze(1), size)[:, 0].clamp(0, 1)
     if bool((resized > 0.5).all()):
-        log.warning("IDFuse trainer: a face mask covers the whole photo; face_mask loss has no background to avoid.")
+        log.warning("a face mask covers the whole photo; face_mask loss has no background to avoid.")
     return photos, resized.expand(count, -1, -1).contiguous()
 
 

@@ -1,9 +1,11 @@
-"""The loss curve as a picture: the node's loss_curve output and the progress-bar preview."""
+"""Training as pictures: the loss curve (the node's loss_curve output and the progress-bar preview) and
+the placeholder's attention on each photo before and after training (the attention_maps output)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from .token_trainer import LossHistory
 
@@ -37,3 +39,45 @@ def render_loss_curve(history: LossHistory, size: tuple[int, int] = (768, 384), 
     if as_pil:
         return image
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).unsqueeze(0)
+
+
+def _heat(values: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> (..., 3) black-red-yellow-white colours."""
+    v = values.clamp(0, 1).unsqueeze(-1)
+    return torch.cat([(3 * v).clamp(0, 1), (3 * v - 1).clamp(0, 1), (3 * v - 2).clamp(0, 1)], -1)
+
+
+def render_attention_panels(photos: torch.Tensor, before: torch.Tensor, after: torch.Tensor,
+                            share_before: torch.Tensor | None, share_after: torch.Tensor | None,
+                            masks: torch.Tensor | None = None) -> torch.Tensor:
+    """Per photo: the photo | attention before | attention after, as a ComfyUI IMAGE (P, H, 3W, 3).
+
+    Each map is scaled from its own minimum (black) to maximum (white): it shows where the
+    placeholder attends; how much of it is on the face is the share written on it.
+    The face mask's outline is drawn on the photo; the share inside it is written on each map.
+    """
+    from PIL import Image, ImageDraw
+
+    count, height, width = photos.shape[:3]
+    panels = []
+    for index in range(count):
+        maps = torch.stack([before[index], after[index]]).float()
+        maps = F.interpolate(maps.unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+        low, high = maps.amin((1, 2), keepdim=True), maps.amax((1, 2), keepdim=True)
+        maps = (maps - low) / (high - low).clamp_min(1e-12)
+        photo = photos[index].float().cpu()
+        overlays = [0.35 * photo + 0.65 * _heat(m) for m in maps]
+        row = torch.cat([photo, *overlays], dim=1)
+        image = Image.fromarray((row.clamp(0, 1).numpy() * 255).round().astype("uint8"))
+        draw = ImageDraw.Draw(image)
+        if masks is not None:
+            edge = masks[index] > 0.5
+            border = edge & F.max_pool2d((~edge).float()[None, None], 3, 1, 1)[0, 0].bool()
+            ys, xs = torch.nonzero(border, as_tuple=True)
+            for y, x in zip(ys.tolist(), xs.tolist(), strict=True):
+                draw.point((x, y), fill=(0, 255, 0))
+        for column, (label, shares) in enumerate((("before", share_before), ("after", share_after)), start=1):
+            text = label if shares is None else f"{label}: {100 * float(shares[index]):.0f}% on face"
+            draw.text((column * width + 4, 4), text, fill=(255, 255, 255))
+        panels.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0))
+    return torch.stack(panels)

@@ -1,9 +1,9 @@
-"""The settings of an identity-training run: every default is written here once, and the trainer
-nodes, their docs and the tests read it from here."""
+"""The settings of an identity-training run: every default and every range is written here once, and
+the trainer nodes, their docs and the tests read them from here."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 
 DEFAULT_TEMPLATES = (
     "a photo of the face of {}",
@@ -11,6 +11,7 @@ DEFAULT_TEMPLATES = (
     "a cropped photo of the face of {}",
     "a good photo of the face of {}",
 )
+DEFAULT_SAVE_NAME = "idfuse_identity"
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 TRAINING_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Steps in a row that float16 loss scaling may skip for overflowing gradients before training stops:
@@ -18,33 +19,50 @@ TRAINING_DTYPES = ("auto", "float32", "bfloat16", "float16")
 MAX_SKIPPED_STEPS = 20
 
 
+def _ranged(default, minimum, maximum, step=None):
+    """A numeric setting with the range (and widget step) its input allows."""
+    limits = {"min": minimum, "max": maximum}
+    if step is not None:
+        limits["step"] = step
+    return field(default=default, metadata=limits)
+
+
 @dataclass(frozen=True)
 class TrainingSettings:
-    placeholder: str
+    placeholder: str = "sks"
     initializer: str = "person"
-    num_stages: int = 5
-    steps: int = 600
-    learning_rate: float = 1e-4
-    attention_weight: float = 0.003
+    num_stages: int = _ranged(5, 1, 20)
+    steps: int = _ranged(600, 1, 100000)
+    learning_rate: float = _ranged(1e-4, 1e-7, 1.0, 1e-5)
+    attention_weight: float = _ranged(0.003, 0.0, 100.0, 0.001)
     attention_mode: str = "face_mask"
-    loss_downscales: tuple[int, ...] = (2, 4)
-    lora_rank: int = 0
+    loss_downscales: tuple[int, ...] | None = (2, 4)  # None: every cross-attention layer
+    lora_rank: int = _ranged(0, 0, 256)
     lora_targets: tuple[str, ...] = ("to_k", "to_v")
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
     augmentation: str = "flip"
-    resolution: int = 512
-    batch_size: int = 1
-    gradient_accumulation: int = 1
+    resolution: int = _ranged(512, 64, 2048, 64)
+    batch_size: int = _ranged(1, 1, 64)
+    gradient_accumulation: int = _ranged(1, 1, 64)
     gradient_checkpointing: bool = False
     training_dtype: str = "auto"
-    seed: int = 0
-    checkpoint_every: int = 100
+    seed: int = _ranged(0, 0, 0xFFFFFFFF)
+    checkpoint_every: int = _ranged(100, 0, 100000)
     lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    min_snr_gamma: float = 0.0
+    warmup_steps: int = _ranged(0, 0, 100000)
+    min_snr_gamma: float = _ranged(0.0, 0.0, 100.0, 0.5)
     detach_reference: bool = True
-    generator_width: int = 256
+    generator_width: int = _ranged(256, 16, 4096, 16)
 
     def to_dict(self) -> dict:
         data = asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+
+DEFAULTS = TrainingSettings()
+
+
+def setting_range(name: str) -> dict:
+    """``{"min", "max"[, "step"]}`` of a numeric setting ({} for the others)."""
+    (spec,) = (f for f in fields(TrainingSettings) if f.name == name)
+    return dict(spec.metadata)

@@ -1,10 +1,11 @@
-"""Training an identity (SeFi-IDE tokens, optional LoRA) against a frozen diffusion model. Plain torch.
+"""Training SeFi-IDE identity tokens (optional LoRA) against a frozen diffusion model. Plain torch.
 
-The host (ComfyUI glue in nodes/trainer.py) provides the frozen model as callables: ``encode``
-(a prompt template with word vectors spliced in -> context), ``denoise`` (noisy latent, sigma,
-keys context, values context -> predicted x0, in the model's own parameterisation) and its
-``model_sampling``. This module owns what training means: sampling, the stage of each sample,
-the losses, the optimiser, evaluation, and the state needed to resume exactly.
+The host (the ComfyUI glue in nodes/train.py and nodes/glue/training_models.py) provides the frozen
+model as callables: ``encode`` (a prompt template with word vectors spliced in -> context),
+``denoise`` (noisy latent, sigma, keys context, values context -> predicted x0, in the model's own
+parameterisation) and its ``model_sampling``. This module owns what training an identity means:
+sampling, the stage of each sample, the losses, evaluation, and the state needed to resume; the
+pieces any training loop uses (diffusion loss, schedule, loss scaling, optimiser state) are in loop.py.
 
 Every random draw of step k comes from a generator seeded with (seed, k), so a run resumed at
 step k repeats exactly what an uninterrupted run would have done from there.
@@ -14,10 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-import types
-import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -26,18 +24,25 @@ from torch import nn
 from ..errors import NonFiniteLossError, TrainingError
 from ..tokens.generator import IDTokenGenerator
 from ..unet import stage_of_timestep
-from .attention import (
-    MASK_MODES,
-    REFERENCE_MODES,
-    AttentionProbes,
-    ProbeBatch,
-    attention_loss,
-    attention_maps,
-    face_share,
+from .loop import (
+    LossScaler,
+    advance_lr_scheduler,
+    autocast,
+    backward,
+    diffusion_loss,
+    load_optimizer_state,
+    make_lr_scheduler,
+    min_snr_weight,
+    optimizer_state,
+    optimizer_step,
+    step_generator,
 )
-from .settings import LR_SCHEDULES, MAX_SKIPPED_STEPS, TrainingSettings
+from .losses import attention_loss_for
+from .probes import AttentionProbes, ProbeBatch, attention_maps, face_share
+from .settings import TrainingSettings
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("idfuse.training")
+
 
 @dataclass
 class TrainingData:
@@ -109,56 +114,10 @@ class LossHistory:
         return cls([StepLosses(int(r[0]), *(float(v) for v in r[1:])) for r in tensor.tolist()])
 
 
-def diffusion_loss(model_sampling, sigma: torch.Tensor, x0_pred: torch.Tensor, x0: torch.Tensor,
-                   snr_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """MSE in the model's own parameterisation (eps, v, ...), from its predicted x0.
-
-    ComfyUI's denoised x0 is ``offset(x) + gain(sigma) * raw_output``; the raw target is the output
-    that gives the true x0, so raw error = (x0_pred - x0) / gain, whatever the parameterisation.
-    ``snr_weight`` (Min-SNR) weights the x0 error directly: that is min(snr, γ)/snr for eps and
-    min(snr, γ)/(snr + 1) for v, expressed once.
-    """
-    gain = model_sampling.calculate_denoised(sigma, torch.ones_like(x0_pred), torch.zeros_like(x0_pred))
-    error = (x0_pred.float() - x0.float()) ** 2
-    if snr_weight is None:
-        return (error / gain.float() ** 2).mean()
-    return (error * snr_weight.view(-1, 1, 1, 1)).mean()
-
-
-def min_snr_weight(model_sampling, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """min(SNR, γ) per sample, the SNR from diffusers' compute_snr on the model's own noise schedule."""
-    try:
-        from diffusers.training_utils import compute_snr
-    except ImportError as e:
-        raise TrainingError("min_snr_gamma > 0 needs the diffusers package (pip install diffusers); "
-                            "or set min_snr_gamma to 0.") from e
-    sigmas = model_sampling.sigmas.detach().float().cpu()
-    schedule = types.SimpleNamespace(alphas_cumprod=1.0 / (1.0 + sigmas ** 2))
-    snr = compute_snr(schedule, timesteps.cpu())
-    return snr.clamp(max=gamma)
-
-
-def make_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
-    if name == "constant" and warmup_steps == 0:
-        return None
-    if name not in LR_SCHEDULES:
-        raise TrainingError(f"Unknown lr_schedule '{name}'; use one of {', '.join(LR_SCHEDULES)}.")
-    try:
-        from diffusers.optimization import get_scheduler
-    except ImportError as e:
-        raise TrainingError(f"lr_schedule '{name}' needs the diffusers package (pip install diffusers); "
-                            f"or use lr_schedule constant with warmup_steps 0.") from e
-    if name == "constant":
-        name = "constant_with_warmup"
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
-
-
-def step_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:
-    """The random source of one micro-batch: depends only on (seed, step, micro)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 1_009 + micro) % (2 ** 63))
-
-
 class IdentityTrainer:
+    """SeFi-IDE: the generator's per-stage key/value vectors (and optional LoRA adapters) trained with the
+    diffusion loss plus ``attention_weight`` × the attention loss named by ``attention_mode``."""
+
     def __init__(self, settings: TrainingSettings, host: Host, data: TrainingData, prompts: PromptTable,
                  probes: AttentionProbes, generator: IDTokenGenerator, adapters: nn.ModuleDict | None = None):
         self.settings = settings
@@ -168,16 +127,15 @@ class IdentityTrainer:
         self.probes = probes
         self.generator = generator
         self.adapters = adapters
-        if settings.attention_mode in MASK_MODES and data.masks is None:
+        self.attention_loss = attention_loss_for(settings.attention_mode)
+        if self.attention_loss.needs_masks and data.masks is None:
             raise TrainingError(f"Attention-loss mode '{settings.attention_mode}' needs face masks.")
-        if settings.attention_mode in REFERENCE_MODES and prompts.reference_contexts is None:
+        if self.attention_loss.needs_reference and prompts.reference_contexts is None:
             raise TrainingError(f"Attention-loss mode '{settings.attention_mode}' needs the reference prompts.")
         self.optimizer = torch.optim.AdamW(self.parameters(), lr=settings.learning_rate, weight_decay=0.0)
         self.scheduler = make_lr_scheduler(settings.lr_schedule, self.optimizer, settings.warmup_steps,
                                            settings.steps)
-        self.scaler = torch.amp.GradScaler(host.device.type) if host.loss_scaling else None
-        self.skipped_steps = 0  # in a row, by loss scaling
-        self.skipped_total = 0
+        self.scaler = LossScaler(host.device.type) if host.loss_scaling else None
         self.step = 0
         self.history = LossHistory()
         sampling = host.model_sampling
@@ -189,13 +147,12 @@ class IdentityTrainer:
             params += list(self.adapters.parameters())
         return params
 
-    # --- one optimiser step -------------------------------------------------------------------
+    @property
+    def skipped_total(self) -> int:
+        """Steps float16 loss scaling skipped in this run and the runs it resumes."""
+        return 0 if self.scaler is None else self.scaler.skipped_total
 
-    def _autocast(self):
-        dtype = self.host.autocast_dtype
-        if dtype is None:
-            return nullcontext()
-        return torch.autocast(self.host.device.type, dtype=dtype)
+    # --- one optimiser step -------------------------------------------------------------------
 
     def _sigmas(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sigma of each timestep and its stage, through the model's own sampling object."""
@@ -229,7 +186,7 @@ class IdentityTrainer:
         sampling = self.host.model_sampling
         x_noisy = sampling.noise_scaling(sigma.view(-1, 1, 1, 1), noise.to(self.host.device), x0)
         self.probes.begin(self._probe_batch(templates, with_reference))
-        with self._autocast():
+        with autocast(self.host.device, self.host.autocast_dtype):
             x0_pred = self.host.denoise(x_noisy, sigma, keys_ctx, values_ctx, templates.tolist())
         return sigma, x0_pred, x0, self.probes.collected()
 
@@ -241,13 +198,13 @@ class IdentityTrainer:
         timesteps = torch.randint(0, self.num_timesteps, (s.batch_size,), generator=rng)
         noise = torch.randn((s.batch_size, *self.data.latents.shape[1:]), generator=rng)
         sigma, x0_pred, x0, records = self._forward(variants, templates, timesteps, noise,
-                                                    s.attention_mode in REFERENCE_MODES)
+                                                    self.attention_loss.needs_reference)
         weight = None
         if s.min_snr_gamma > 0:
             weight = min_snr_weight(self.host.model_sampling, timesteps, s.min_snr_gamma).to(x0.device)
         diffusion = diffusion_loss(self.host.model_sampling, sigma, x0_pred, x0, weight)
         masks = None if self.data.masks is None else self.data.masks[variants]
-        attention = attention_loss(s.attention_mode, records, masks).to(diffusion.device)
+        attention = self.attention_loss(records, masks).to(diffusion.device)
         return diffusion, attention
 
     def train_step(self) -> StepLosses:
@@ -263,14 +220,14 @@ class IdentityTrainer:
                 if not torch.isfinite(total):
                     raise NonFiniteLossError(step, "loss", {"diffusion": float(diffusion.detach()),
                                                             "attention": float(attention.detach())})
-                share = total / s.gradient_accumulation
-                (share if self.scaler is None else self.scaler.scale(share)).backward()
+                backward(total / s.gradient_accumulation, self.scaler)
                 diffusion_sum += float(diffusion.detach())
                 attention_sum += float(attention.detach())
         finally:
             self.probes.end()
         learning_rate = self.optimizer.param_groups[0]["lr"]
-        self._optimizer_step(step, {"diffusion": diffusion_sum, "attention": attention_sum})
+        summed = {"diffusion": diffusion_sum, "attention": attention_sum}
+        optimizer_step(self.optimizer, self.parameters(), step, summed, self.scaler)
         if self.scheduler is not None:
             self.scheduler.step()
         self.step = step
@@ -280,34 +237,13 @@ class IdentityTrainer:
         self.history.steps.append(losses)
         return losses
 
-    def _optimizer_step(self, step: int, losses: dict[str, float]) -> None:
-        """The optimiser step; with loss scaling, a step whose gradients overflowed is skipped (and the
-        scale halved), as mixed-precision training does; without it, such gradients are an error."""
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.parameters())
-        if self.scaler is None:
-            if not finite:
-                raise NonFiniteLossError(step, "gradient", losses)
-            self.optimizer.step()
-            return
-        self.scaler.step(self.optimizer)  # skips the update when the gradients are not finite
-        self.scaler.update()
-        self.skipped_steps = 0 if finite else self.skipped_steps + 1
-        self.skipped_total += 0 if finite else 1
-        if not finite:
-            log.info("IDFuse trainer: step %d skipped, float16 gradients overflowed; loss scale now %g", step,
-                     self.scaler.get_scale())
-        if self.skipped_steps >= MAX_SKIPPED_STEPS:
-            raise NonFiniteLossError(step, f"gradient in {MAX_SKIPPED_STEPS} float16 steps in a row", losses)
-
     def run(self, on_step: Callable[[StepLosses], None] = lambda _losses: None) -> None:
         """Train up to ``settings.steps``; ``on_step`` runs after each step (progress, checkpoints)."""
         while self.step < self.settings.steps:
             self.host.check_interrupt()
             losses = self.train_step()
-            log.info("IDFuse training step %d/%d: diffusion %.5f, attention %.5f, lr %.3g", losses.step,
-                     self.settings.steps, losses.diffusion, losses.attention, losses.learning_rate)
+            log.debug("step %d/%d: diffusion %.5f, attention %.5f, lr %.3g", losses.step, self.settings.steps,
+                      losses.diffusion, losses.attention, losses.learning_rate)
             on_step(losses)
 
     def parameters_finite(self) -> bool:
@@ -350,42 +286,16 @@ class IdentityTrainer:
     # --- state for resuming --------------------------------------------------------------------
 
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """Optimiser moments, step and loss history (the trainable weights are saved elsewhere)."""
-        state = self.optimizer.state_dict()
-        tensors = {f"optimizer.{index}.{name}": torch.as_tensor(value).detach().cpu().clone()
-                   for index, entries in state["state"].items() for name, value in entries.items()}
+        """Optimiser moments, step, loss scale and loss history (the trainable weights are saved elsewhere)."""
+        tensors, metadata = optimizer_state(self.optimizer, self.step, self.scaler)
         tensors["history"] = self.history.to_tensor()
-        metadata = {"step": str(self.step), "param_groups": json.dumps(state["param_groups"]),
-                    "settings": json.dumps(self.settings.to_dict(), sort_keys=True)}
-        if self.scaler is not None:
-            metadata["loss_scaler"] = json.dumps({**self.scaler.state_dict(), "skipped_steps": self.skipped_steps,
-                                                  "skipped_total": self.skipped_total})
+        metadata["settings"] = json.dumps(self.settings.to_dict(), sort_keys=True)
         return tensors, metadata
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-        entries: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("optimizer."):
-                _, index, name = key.split(".", 2)
-                entries.setdefault(int(index), {})[name] = value
-        groups = json.loads(metadata["param_groups"])
-        expected = len(self.parameters())
-        if sum(len(g["params"]) for g in groups) != expected:
-            raise TrainingError(f"The training state holds optimiser moments for {sum(len(g['params']) for g in groups)} "
-                                f"parameters, this trainer has {expected}: the LoRA rank/targets or the generator "
-                                f"differ from the run being resumed. Use the same settings, or start a new run.")
-        device = self.parameters()[0].device
-        state = {i: {k: (v if k == "step" else v.to(device)) for k, v in e.items()} for i, e in entries.items()}
-        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
-        self.step = int(metadata["step"])
-        if self.scaler is not None and "loss_scaler" in metadata:
-            scaler_state = json.loads(metadata["loss_scaler"])
-            self.skipped_steps = scaler_state.pop("skipped_steps", 0)
-            self.skipped_total = scaler_state.pop("skipped_total", 0)
-            self.scaler.load_state_dict(scaler_state)
+        self.step = load_optimizer_state(
+            self.optimizer, tensors, metadata, self.scaler,
+            "the LoRA rank/targets or the generator differ from the run being resumed. Use the same settings, or "
+            "start a new run.")
         self.history = LossHistory.from_tensor(tensors["history"]) if "history" in tensors else LossHistory()
-        if self.scheduler is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": on purpose
-                for _ in range(self.step):
-                    self.scheduler.step()
+        advance_lr_scheduler(self.scheduler, self.step)

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from ...models.tokens.format import IDTokens, IDTokensError
+from ...models.errors import IDTokensError
+from ...models.tokens.format import IDTokens
 from ...models.tokens.patch import StageContexts
 from .model_info import TOKENIZER_KEYS, clip_family
+
+# The conditioning option under which IDFuse Encode With ID hands its per-stage contexts to Apply ID Tokens.
+STAGE_CONTEXTS = "idfuse_stage_contexts"
 
 # Token ids that frame every CLIP prompt chunk (start, end; 0 pads clip_g).
 _SPECIAL_TOKENS = {49406, 49407, 0}
@@ -51,7 +55,7 @@ def encode_with_identity(clip, text: str, id_tokens: IDTokens) -> tuple[torch.Te
     for key in names:
         if not any(_is_token(t, placeholder[key]) for chunk in tokens[key] for t in chunk):
             raise IDTokensError(
-                f"The prompt does not contain the placeholder word '{id_tokens.placeholder}' of identity "
+                f"The prompt (text) does not contain the placeholder word '{id_tokens.placeholder}' of identity "
                 f"tokens {id_tokens.source}. Write it where the person belongs, e.g. "
                 f"'a photo of {id_tokens.placeholder} {id_tokens.initializer} in a garden'.")
 
@@ -69,3 +73,12 @@ def encode_with_identity(clip, text: str, id_tokens: IDTokens) -> tuple[torch.Te
     contexts = StageContexts(family=family, placeholder=id_tokens.placeholder, plain=plain,
                              keys=torch.cat(keys), values=torch.cat(values), source=id_tokens.source)
     return plain, pooled, contexts
+
+
+def stage_contexts_in(conditioning) -> list[StageContexts]:
+    found = []
+    for _cond, options in conditioning:
+        contexts = options.get(STAGE_CONTEXTS)
+        if contexts is not None and all(contexts is not f for f in found):
+            found.append(contexts)
+    return found

@@ -14,18 +14,13 @@ import comfy.samplers
 import torch
 from comfy.ldm.modules.attention import optimized_attention
 
-from ...models.infinite_id.attention import ADAIN_MODES, IDCrossAttention, IDKeysValues, MixedSelfAttention, SigmaWindow
+from ...models.errors import IDEncoderError
+from ...models.infinite_id.attention import IDCrossAttention, IDKeysValues, MixedSelfAttention, SigmaWindow
 from ...models.infinite_id.settings import MIX_BLOCKS, InfiniteIDSettings
-from ...models.unet import block_keys
+from ...models.unet import FAMILY_NAMES, block_keys
 from .lora import with_lora
 from .model_info import cross_attention_widths, model_family
-
-
-def _window(model, start: float, end: float) -> SigmaWindow:
-    sampling = model.get_model_object("model_sampling")
-    if start > end:
-        raise ValueError(f"start percent ({start}) is after end percent ({end}); set start <= end.")
-    return SigmaWindow(float(sampling.percent_to_sigma(start)), float(sampling.percent_to_sigma(end)))
+from .sampling import sigma_range
 
 
 def two_stream_model(model, layers: dict[tuple[str, int, int], IDKeysValues], settings: InfiniteIDSettings):
@@ -34,20 +29,22 @@ def two_stream_model(model, layers: dict[tuple[str, int, int], IDKeysValues], se
     keys = block_keys(family)
     missing = [str(k) for k in keys if k.key not in layers]
     if missing:
-        raise ValueError(f"The ID encoder has no ID keys/values for layers {missing[:4]}...; it does not fit "
-                         f"this {family} model.")
+        raise IDEncoderError(f"The ID encoder has no ID keys/values for layers {missing[:4]} ({len(missing)} of "
+                             f"{len(keys)}) of this {FAMILY_NAMES[family]} model; use an encoder made for "
+                             f"{FAMILY_NAMES[family]}.")
     widths = cross_attention_widths(model)
     wrong = [f"{key}: {layers[key].k_cond.shape[-1]} != {width}" for key, width in widths.items()
              if layers[key].k_cond.shape[-1] != width]
     if wrong:
-        raise ValueError(f"The ID encoder's keys/values do not fit this model's cross-attention widths "
-                         f"({', '.join(wrong[:3])}); use an encoder made for this model family.")
-    if settings.adain not in ADAIN_MODES:
-        raise ValueError(f"adain must be one of {sorted(ADAIN_MODES)}")
+        raise IDEncoderError(f"The ID encoder's keys/values do not fit this model's cross-attention widths "
+                             f"({', '.join(wrong[:3])}); use an encoder made for this model.")
+    id_window = SigmaWindow(*sigma_range(model, settings.id_start, settings.id_end,
+                                         "id_start_percent", "id_end_percent"))
+    mix_window = SigmaWindow(*sigma_range(model, settings.mix_start, settings.mix_end,
+                                          "mix_start_percent", "mix_end_percent"))
     patched = model.clone()
-    cross = IDCrossAttention(optimized_attention, layers, settings.id_weight,
-                             _window(model, settings.id_start, settings.id_end))
-    mixed = MixedSelfAttention(optimized_attention, settings.adain, _window(model, settings.mix_start, settings.mix_end))
+    cross = IDCrossAttention(optimized_attention, layers, settings.id_weight, id_window)
+    mixed = MixedSelfAttention(optimized_attention, settings.adain, mix_window)
     for key in keys:
         patched.set_model_attn2_replace(cross, *key.key)
         if settings.mixing and key.block in MIX_BLOCKS[settings.mix_blocks]:
@@ -86,18 +83,18 @@ class TwoStreamGuider(comfy.samplers.CFGGuider):
 
 def id_layers(encoder, embeds, family: str) -> dict[tuple[str, int, int], IDKeysValues]:
     """Run the ID encoder once (under model management) and project its tokens for every layer."""
-    comfy.model_management.load_models_gpu([encoder.patcher])
     module = encoder.encoder
-    device = encoder.patcher.load_device
     if module.family != family:
-        raise ValueError(f"The ID encoder {encoder.source} is for {module.family}, the model is {family}.")
+        raise IDEncoderError(f"The ID encoder {encoder.source} is for {module.family}, the model is {family}. Load "
+                             f"an encoder made for {FAMILY_NAMES[family]}, or a "
+                             f"{FAMILY_NAMES.get(module.family, module.family)} checkpoint.")
+    if module.needs_clip_vision and embeds.clip_hidden is None:
+        raise IDEncoderError(f"The ID encoder {encoder.source} ({module.kind}) needs CLIP image features, which "
+                             f"id_embeds lacks: connect a CLIP_VISION (ViT-H) to clip_vision of IDFuse Face Embed.")
+    comfy.model_management.load_models_gpu([encoder.patcher])
+    device = encoder.patcher.load_device
     face = embeds.arcface.to(device)
-    clip = None
-    if module.needs_clip_vision:
-        if embeds.clip_hidden is None:
-            raise ValueError(f"The ID encoder {encoder.source} ({module.kind}) needs CLIP image features: connect a "
-                             f"CLIP_VISION (ViT-H) to IDFuse Face Embed.")
-        clip = embeds.clip_hidden.to(device)
+    clip = embeds.clip_hidden.to(device) if module.needs_clip_vision else None
     dtype = next(module.parameters()).dtype
     with torch.no_grad():
         positive = module.encode(face.to(dtype), None if clip is None else clip.to(dtype))
@@ -112,5 +109,6 @@ def id_layers(encoder, embeds, family: str) -> dict[tuple[str, int, int], IDKeys
 
 def prepared_model(model, id_encoder, id_embeds, settings: InfiniteIDSettings):
     layers = id_layers(id_encoder, id_embeds, model_family(model))
+    id_encoder.encoder.check_layer_widths(cross_attention_widths(model))
     base = with_lora(model, id_encoder.encoder.lora, settings.lora_strength)
     return two_stream_model(base, layers, settings)

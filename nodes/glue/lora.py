@@ -7,6 +7,8 @@ from collections.abc import Mapping
 import comfy.lora
 import torch
 
+from ...models.errors import LoRAFileError
+
 
 def kohya_names(model) -> dict[str, str]:
     """UNet weight key ("diffusion_model.….weight") -> its kohya LoRA name ("lora_unet_…")."""
@@ -20,7 +22,8 @@ def as_kohya_state_dict(model, lora: Mapping[str, Mapping[str, torch.Tensor]]) -
     names = kohya_names(model)
     missing = [key for key in lora if key not in names]
     if missing:
-        raise ValueError(f"LoRA targets weights this model does not have: {missing[:3]}")
+        raise LoRAFileError(f"The LoRA targets {len(missing)} weights this model does not have (e.g. {missing[:3]}); "
+                            f"it was made for another model. Use a LoRA of this model's family.")
     out = {}
     for key, parts in lora.items():
         name = names[key]
@@ -41,5 +44,6 @@ def with_lora(model, lora: Mapping[str, Mapping[str, torch.Tensor]], strength: f
     patches = comfy.lora.load_lora(state_dict, key_map)
     applied = patched.add_patches(patches, strength)
     if len(applied) != len(lora):
-        raise ValueError(f"Only {len(applied)} of {len(lora)} LoRA weights could be applied to this model.")
+        raise LoRAFileError(f"Only {len(applied)} of {len(lora)} LoRA weights could be applied to this model; the "
+                            f"LoRA was made for another model. Use a LoRA of this model's family.")
     return patched

@@ -1,7 +1,7 @@
 """The trainer's LoRA: the UNet layers it adapts (from the block table) and its file.
 
 The file uses the kohya key format that ComfyUI's own LoraLoader reads, with the names ComfyUI's
-key map gives (through nodes/lora_glue.py, shared with the ID-encoder LoRA):
+key map gives (through nodes/glue/lora.py, shared with the ID-encoder LoRA):
 
     <kohya name>.lora_down.weight  (rank, in)
     <kohya name>.lora_up.weight    (out, rank)
@@ -13,12 +13,10 @@ from __future__ import annotations
 import os
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from ...models.errors import LoRAFileError
-from ...models.files import atomic_save_safetensors
+from ...models.files import atomic_save_safetensors, read_safetensors
 from ...models.training.lora import LoRAAdapter
 from ...models.unet import block_keys, cross_attention_path
 from .lora import as_kohya_state_dict, kohya_names, with_lora
@@ -56,7 +54,7 @@ def new_adapters(layers: dict[str, tuple[str, nn.Linear]], rank: int, seed: int)
 
 
 def lora_weights(adapters: nn.ModuleDict, layers: dict[str, tuple[str, nn.Linear]]) -> dict[str, dict[str, torch.Tensor]]:
-    """{UNet weight key: {"down", "up", "alpha"}}, the form nodes/lora_glue.py takes."""
+    """{UNet weight key: {"down", "up", "alpha"}}, the form nodes/glue/lora.py takes."""
     return {layers[name][0]: {"down": adapter.down.detach().float().cpu().contiguous(),
                               "up": adapter.up.detach().float().cpu().contiguous(),
                               "alpha": torch.tensor(adapter.alpha)}
@@ -74,10 +72,7 @@ def save_lora(model, adapters: nn.ModuleDict, layers: dict[str, tuple[str, nn.Li
 def load_adapters(path: str | os.PathLike, layers: dict[str, tuple[str, nn.Linear]], rank: int) -> nn.ModuleDict:
     """Adapters for ``layers`` with the weights of a LoRA file this trainer saved (to resume)."""
     name = os.path.basename(str(path))
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise LoRAFileError(f"LoRA {name}: not a readable safetensors file ({e}).") from e
+    tensors, _metadata = read_safetensors(path, LoRAFileError, "LoRA")
     adapters = new_adapters(layers, rank, seed=0)
     for key, adapter in adapters.items():
         down, up = tensors.get(f"{key}.lora_down.weight"), tensors.get(f"{key}.lora_up.weight")

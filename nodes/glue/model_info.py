@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ...models.unet import UnsupportedModelError, block_keys, cross_attention_path, family_from_context_dim
+from ...models.errors import UnsupportedModelError
+from ...models.unet import block_keys, cross_attention_path, family_from_context_dim
 
 
 def model_family(model) -> str:

@@ -8,28 +8,56 @@ from pathlib import Path
 
 import folder_paths
 
-from ...models.errors import TrainingError
+from ...models.errors import IDFuseInputError, TrainingError
+from ...models.files import temporary_name
 from ...models.tokens.format import IDTokens, load_id_tokens
 from ...models.training.settings import TrainingSettings
 from .folders import ID_TOKENS_FOLDER, default_folder
 
 TRAINER_FORMAT = "idfuse.trainer"
 NO_RESUME = "none"
+# Letters and digits (any script), '_', '-', '.' and inner spaces; checked in OutputFiles.
 _SAVE_NAME = re.compile(r"^[\w\-. ]+$")
+SAVE_NAME_RULE = "letters, digits, '_', '-', '.' and spaces, not starting with '.' or a space, not ending with a space"
+# A file name (one path component) may have 255 bytes on the usual file systems (ext4, APFS, tmpfs;
+# NTFS counts 255 UTF-16 units, which UTF-8 bytes never undercount).
+MAX_FILE_NAME_BYTES = 255
+
+
+def check_save_name(save_name: str, final_names: list[str]) -> None:
+    """Refuses a save_name that is not a plain file name, or that makes a file name (the files in
+    ``final_names`` or their temporary files) longer than a file system allows, before any work."""
+    if not save_name.strip():
+        raise IDFuseInputError("save_name is empty; give the identity a file name such as 'my_person'.")
+    if save_name != save_name.strip():
+        raise IDFuseInputError(f"save_name '{save_name}' starts or ends with a space; remove it (use "
+                               f"{SAVE_NAME_RULE}).")
+    if not _SAVE_NAME.match(save_name) or save_name.startswith("."):
+        raise IDFuseInputError(f"save_name '{save_name}' is not a plain file name; use {SAVE_NAME_RULE}, without "
+                               f"folders.")
+    names = [*final_names, *(temporary_name(n) for n in final_names)]
+    longest = max(names, key=lambda n: len(os.fsencode(n)))
+    if len(os.fsencode(longest)) > MAX_FILE_NAME_BYTES:
+        size = len(os.fsencode(save_name))
+        allowed = MAX_FILE_NAME_BYTES - (len(os.fsencode(longest)) - size)
+        pattern = longest.replace(save_name, "<save_name>", 1)
+        raise IDFuseInputError(
+            f"save_name is too long: it is {size} bytes (UTF-8) and the trainer writes files named up to "
+            f"'{pattern}', longer than the {MAX_FILE_NAME_BYTES} bytes a file name may have. Use a save_name of at "
+            f"most {allowed} bytes: {allowed} ASCII characters, or {allowed // 3} Chinese, Japanese or Korean "
+            f"characters (3 bytes each).")
 
 
 class OutputFiles:
     """Where one identity's files go: tokens (+ training state + report) and the LoRA."""
 
     def __init__(self, save_name: str):
-        if not _SAVE_NAME.match(save_name) or save_name.startswith("."):
-            raise TrainingError(f"save_name '{save_name}' is not a plain file name; use letters, digits, '-', '_' "
-                                f"or '.', without folders.")
         tokens_dir = Path(default_folder(ID_TOKENS_FOLDER))
         self.tokens = tokens_dir / f"{save_name}.safetensors"
         self.state = tokens_dir / f"{save_name}.trainstate"
         self.report = tokens_dir / f"{save_name}.report.json"
         self.lora = Path(folder_paths.get_folder_paths("loras")[0]) / f"{save_name}.safetensors"
+        check_save_name(save_name, [p.name for p in (self.tokens, self.state, self.report, self.lora)])
 
     def check_free(self, resume_path: str | None, with_lora: bool) -> None:
         resuming_this = resume_path is not None and os.path.abspath(resume_path) == os.path.abspath(self.tokens)
@@ -40,7 +68,6 @@ class OutputFiles:
             raise TrainingError(f"save_name '{self.tokens.stem}': {', '.join(str(p) for p in taken)} already exists. "
                                 f"Choose another save_name, or pick {self.tokens.name} in resume_from to continue "
                                 f"training it.")
-
 
 
 def resume_source(resume_from: str) -> tuple[str | None, IDTokens | None]:

@@ -11,14 +11,14 @@ import torch
 from comfy.ldm.modules.attention import optimized_attention
 
 from ...models.errors import TrainingError
-from ...models.training.attention import AttentionProbes
 from ...models.training.frozen import VALUES_CONTEXT, ValuesContextPatch
+from ...models.training.probes import AttentionProbes
 from ...models.training.settings import TrainingSettings
 from ...models.unet import FAMILY_NAMES, cross_attention_path, select_layers
 from .id_encoding import single_token_id
 from .model_info import TOKENIZER_KEYS
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("idfuse.nodes")
 
 
 
@@ -141,7 +141,7 @@ def patched_clone(model, family: str, settings: TrainingSettings) -> tuple[objec
     patched = model.clone()
     existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
     if any(key.key in existing for key in layers):
-        log.warning("IDFuse trainer: the model already replaces attention on some loss layers; the trainer's "
+        log.warning("The model already replaces attention on some loss layers; the trainer's "
                     "probes take their place during training.")
     patched.set_model_attn2_patch(ValuesContextPatch())
     for key in layers:
@@ -180,7 +180,7 @@ def training_precision(name: str, patched, device: torch.device) -> Precision:
         if hasattr(patched, "set_model_compute_dtype"):  # newer ComfyUI (not the late-2024 core): weights cast per layer
             patched.set_model_compute_dtype(torch.float32)
             return Precision(None, False)
-        log.warning("IDFuse trainer: this ComfyUI cannot make a %s model compute in float32; training in %s%s.",
+        log.warning("This ComfyUI cannot make a %s model compute in float32; training in %s%s.",
                     compute, compute, " with loss scaling" if compute == torch.float16 else "")
     # No autocast: the model computes in its own dtype. ComfyUI loads float16 weights on GPUs without
     # bfloat16, and gradients through float16 activations need loss scaling.

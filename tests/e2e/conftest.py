@@ -21,28 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from comfy_env import ComfyInstall
 
-from .server import (
-    PACK_ROOT,
-    ComfyClient,
-    ComfyServer,
-    ServerDirs,
-    comfyui_version,
-    find_full_comfyui,
-    missing_requirements,
-    prepare_base_dir,
-)
+from .harness.checkpoints import write_random_sd15_checkpoint
+from .harness.client import ComfyClient
+from .harness.dirs import ServerDirs, prepare_base_dir
+from .harness.locate import comfyui_version, full_comfyui, missing_requirements
+from .harness.process import ComfyServer
 
 log = logging.getLogger(__name__)
 
 E2E_DIR = Path(__file__).resolve().parent
 SD15_CHECKPOINT_NAME = "idfuse-e2e-random-sd15.safetensors"
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "e2e: end-to-end test running the pack inside a real ComfyUI server (tests/e2e)"
-    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -62,9 +52,10 @@ def _unavailable(reason: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def comfyui_path() -> Path:
-    """The full ComfyUI checkout the server runs from (skips the test when there is none)."""
-    location = find_full_comfyui()
+def comfyui_path(comfy_install: ComfyInstall) -> Path:
+    """The session's ComfyUI (tests/conftest.py), when it is a full checkout the server can run from;
+    skips the test otherwise."""
+    location = full_comfyui(comfy_install)
     if location.path is None:
         _unavailable(location.reason)
     assert location.path is not None
@@ -81,7 +72,7 @@ def comfyui_path() -> Path:
 @pytest.fixture(scope="session")
 def comfy_dirs(comfyui_path: Path, tmp_path_factory: pytest.TempPathFactory) -> ServerDirs:
     """The isolated ``--base-directory`` (models/, input/, output/, user/, custom_nodes/comfyui-idfuse)."""
-    return prepare_base_dir(tmp_path_factory.mktemp("comfyui-base"), PACK_ROOT)
+    return prepare_base_dir(tmp_path_factory.mktemp("comfyui-base"))
 
 
 @pytest.fixture(scope="session")
@@ -123,8 +114,6 @@ def sd15_checkpoint(comfyui_path: Path, comfy_dirs: ServerDirs) -> Iterator[Path
     Written once per session (~20 s, ~2.1 GB fp16) and deleted at the end, unless
     ``IDFUSE_E2E_CHECKPOINT_CACHE`` names a folder to keep it in (then it is symlinked).
     """
-    from .checkpoints import write_random_sd15_checkpoint
-
     target = comfy_dirs.checkpoints / SD15_CHECKPOINT_NAME
     cache = os.environ.get("IDFUSE_E2E_CHECKPOINT_CACHE")
     if cache:

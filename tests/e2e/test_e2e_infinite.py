@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from comfy_env import PACK_ROOT
 from PIL import Image
 
-from .server import PACK_ROOT, load_workflow, override_inputs, ui_to_api
+from .harness.workflow import load_workflow, override_inputs, ui_to_api
 
 
 @pytest.mark.parametrize("workflow", ["idfuse_infinite_id.json", "idfuse_infinite_id_styles.json"])

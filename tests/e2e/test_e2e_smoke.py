@@ -15,17 +15,11 @@ from typing import Any
 
 import pytest
 
-from .server import (
-    PACK_LINK_NAME,
-    ComfyClient,
-    ComfyServer,
-    ExecutionFailed,
-    PromptRejected,
-    import_failures,
-    key_warnings,
-    strip_meta,
-    ui_to_api,
-)
+from .harness.checkpoints import key_warnings
+from .harness.client import ComfyClient, ExecutionFailed, PromptRejected
+from .harness.dirs import PACK_LINK_NAME
+from .harness.process import ComfyServer, import_failures
+from .harness.workflow import strip_meta, ui_to_api
 
 pytestmark = pytest.mark.e2e
 
@@ -318,7 +312,7 @@ def test_ui_workflow_converts_to_the_api_graph(comfy_client: ComfyClient, sd15_c
 
 def test_random_checkpoint_loads_without_key_warnings(comfyui_path: Path, sd15_checkpoint: Path) -> None:
     """All key complaints, DEBUG-level ones included, when ComfyUI loads the random file."""
-    from .checkpoints import check_checkpoint_loads
+    from .harness.checkpoints import check_checkpoint_loads
 
     report = check_checkpoint_loads(sd15_checkpoint, comfyui_path)
     assert (report.model_config, report.clip, report.vae) == ("SD15", "SD1ClipModel", "AutoencoderKL")

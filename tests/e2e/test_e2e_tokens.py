@@ -5,10 +5,11 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+from comfy_env import PACK_ROOT
 from factories import make_id_tokens
 from PIL import Image
 
-from .server import PACK_ROOT, load_workflow, override_inputs, ui_to_api
+from .harness.workflow import load_workflow, override_inputs, ui_to_api
 
 WORKFLOW = PACK_ROOT / "example_workflows" / "idfuse_tokens_basic.json"
 
@@ -56,7 +57,7 @@ def test_e2e_tokens_example_workflow(comfy_client, comfy_dirs, sd15_checkpoint):
 
 
 def test_e2e_tokens_clear_error_for_prompt_without_placeholder(comfy_client, comfy_dirs, sd15_checkpoint):
-    from .server import ExecutionFailed
+    from .harness.client import ExecutionFailed
 
     tokens_dir = comfy_dirs.model_folder("idfuse/tokens")
     make_id_tokens("sd15").save(tokens_dir / "my_identity.safetensors")

@@ -5,18 +5,29 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from comfy_env import PACK_ROOT
 from PIL import Image
 
-from .server import PACK_ROOT, load_workflow, override_inputs, ui_to_api
+from .harness.workflow import load_workflow, override_inputs, ui_to_api
 
 WORKFLOW = PACK_ROOT / "example_workflows" / "idfuse_train_identity.json"
 
 
 def test_e2e_trainer_workflow_then_lora_loader(comfy_client, comfy_server, comfy_dirs, sd15_checkpoint, face_models):
-    api = ui_to_api(load_workflow(WORKFLOW), comfy_client.object_info())
+    info = comfy_client.object_info()
+    api = ui_to_api(load_workflow(WORKFLOW), info)
+    # The example holds both trainer nodes at their defaults (its widget values sit on the right widgets),
+    # the options node linked to the trainer's options input.
+    (trainer,) = [n for n in api.values() if n["class_type"] == "IDFuseTrainIdentity"]
+    (options_id,) = [i for i, n in api.items() if n["class_type"] == "IDFuseTrainingOptions"]
+    assert trainer["inputs"]["options"] == [options_id, 0]
+    for node in (trainer, api[options_id]):
+        widgets = {name: spec[1]["default"] for name, spec in info[node["class_type"]]["input"]["required"].items()
+                   if len(spec) > 1 and "default" in spec[1]}
+        assert {name: node["inputs"][name] for name in widgets} == widgets, node["class_type"]
     override_inputs(api, "CheckpointLoaderSimple", ckpt_name=sd15_checkpoint.name)
-    override_inputs(api, "IDFuseTrainIdentity", steps=2, resolution=64, lora_rank=4, save_name="e2e_identity",
-                    checkpoint_every=0)
+    override_inputs(api, "IDFuseTrainIdentity", steps=2, lora_rank=4, save_name="e2e_identity")
+    override_inputs(api, "IDFuseTrainingOptions", resolution=64, checkpoint_every=0)
     override_inputs(api, "EmptyLatentImage", width=64, height=64)
     override_inputs(api, "KSampler", steps=2)
     outputs = comfy_client.run(api, timeout=1200)
@@ -28,9 +39,10 @@ def test_e2e_trainer_workflow_then_lora_loader(comfy_client, comfy_server, comfy
     report = json.loads((comfy_dirs.model_folder("idfuse/tokens") / "e2e_identity.report.json").read_text())
     assert tokens.exists() and lora.exists()
     assert report["steps_done"] == 2
+    assert report["settings"]["resolution"] == 64 and report["settings"]["lora_rank"] == 4  # both nodes' values
 
     # The saved files, used the ordinary way: core's LoraLoader and the token nodes.
-    info = comfy_client.object_info()
+    info = comfy_client.object_info()  # again: the new files are listed now
     assert "e2e_identity.safetensors" in info["LoraLoader"]["input"]["required"]["lora_name"][0]
     graph = {
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": sd15_checkpoint.name}},

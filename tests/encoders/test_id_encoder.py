@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import pickle
 import re
 import uuid
 from pathlib import Path
@@ -24,9 +25,8 @@ from ip_adapter_files import (
 )
 from safetensors.torch import save_file
 
-from comfyui_idfuse.models.encoders.encoder import (
+from comfyui_idfuse.models.encoders import (
     Checkpoint,
-    IDEncoderError,
     build_id_encoder,
     create_idfuse_encoder,
     is_plus_v2_name,
@@ -34,6 +34,7 @@ from comfyui_idfuse.models.encoders.encoder import (
     read_checkpoint,
 )
 from comfyui_idfuse.models.encoders.processor_order import cross_attention_processors, processors
+from comfyui_idfuse.models.errors import IDEncoderError
 from comfyui_idfuse.models.unet import CONTEXT_DIM, block_keys
 
 FAMILIES = ("sd15", "sdxl")
@@ -356,6 +357,59 @@ def test_pickled_objects_are_refused(tmp_path):
         load_id_encoder(tmp_path / "step.bin")
 
 
+# PyTorch's advice on a refused file: loading it with weights_only=False would run its code.
+UNSAFE_ADVICE = ("weights_only", "will likely succeed", "Re-running", "trusted source")
+# How PyTorch 2.4-2.5 worded the refusal (2.6+ is what the installed torch says).
+OLD_REFUSAL = ("Weights only load failed. Re-running `torch.load` with `weights_only` set to `False` will likely "
+               "succeed, but it can result in arbitrary code execution. Do it only if you got the file from a trusted "
+               "source.\n Please file an issue with the following so that we can make `weights_only=True` compatible "
+               "with your use case: WeightsUnpickler error: Unsupported global: GLOBAL posix.system was not an allowed "
+               "global by default.")
+
+
+def test_refusal_does_not_advise_loading_unsafely(tmp_path, monkeypatch):
+    torch.save({"x": _RunsCode(tmp_path / "code-ran")}, tmp_path / "evil.bin")
+    with pytest.raises(IDEncoderError) as refused:
+        load_id_encoder(tmp_path / "evil.bin")
+    message = str(refused.value)
+    assert "refused to load" in message and "system" in message, message  # what it refers to stays
+    assert not [advice for advice in UNSAFE_ADVICE if advice in message], message
+    assert refused.value.__cause__ is None and refused.value.__suppress_context__, "traceback shows no advice"
+
+    def old_torch_load(*args, **kwargs):
+        raise pickle.UnpicklingError(OLD_REFUSAL)
+
+    monkeypatch.setattr(torch, "load", old_torch_load)
+    with pytest.raises(IDEncoderError) as refused:
+        load_id_encoder(tmp_path / "evil.bin")
+    message = str(refused.value)
+    assert "(It refers to posix.system.)" in message and not [a for a in UNSAFE_ADVICE if a in message], message
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
+def test_empty_file_says_it_is_empty(tmp_path, suffix):
+    (tmp_path / f"empty{suffix}").write_bytes(b"")
+    with pytest.raises(IDEncoderError, match=f"empty{suffix}: the file is empty \\(0 bytes\\).*download it again"):
+        load_id_encoder(tmp_path / f"empty{suffix}")
+
+
+def test_width_mismatch_names_the_encoder_file(checkpoint_file):
+    path = checkpoint_file("faceid", "sd15")
+    encoder = load_id_encoder(path)
+    widths = {layer.key: encoder.projection(layer).to_k.out_features for layer in block_keys("sd15")}
+    encoder.check_layer_widths(widths)  # fits
+    wrong = {**widths, ("input", 1, 0): 320}
+    with pytest.raises(IDEncoderError, match=rf"ID encoder {re.escape(path.name)} \(IP-Adapter FaceID, SD1.5\): its "
+                                             rf"ID keys/values do not fit this model's cross-attention widths "
+                                             rf"\(input.1.0: {widths['input', 1, 0]} != 320\)"):
+        encoder.check_layer_widths(wrong)
+    # The encoder's own layer checks name it too.
+    face = encoder.face_mapper
+    with pytest.raises(IDEncoderError, match=r"ID encoder mine.safetensors \(IP-Adapter FaceID\): ID cross-attention "
+                                             r"must cover the 16 cross-attention layers of SD1.5; missing"):
+        type(encoder)(encoder.encoder_kind, "sd15", face, None, {("input", 1, 0): 8}, source="mine.safetensors")
+
+
 @pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
 def test_non_faceid_ip_adapter_is_rejected(tmp_path, suffix):
     path = save_checkpoint(image_ip_adapter_checkpoint("sd15"), tmp_path / f"ip-adapter_sd15{suffix}")
@@ -406,12 +460,8 @@ def test_loader_node_lists_and_loads_both_folders():
     import comfy.model_management
     import folder_paths
 
-    from comfyui_idfuse.nodes.encoders import (
-        NODE_CLASS_MAPPINGS,
-        NODE_DISPLAY_NAME_MAPPINGS,
-        IDFuseLoadIDEncoder,
-        LoadedIDEncoder,
-    )
+    from comfyui_idfuse.nodes.encoders import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, IDFuseLoadIDEncoder
+    from comfyui_idfuse.nodes.glue.id_encoders import LoadedIDEncoder
 
     assert NODE_CLASS_MAPPINGS == {"IDFuseLoadIDEncoder": IDFuseLoadIDEncoder}
     assert NODE_DISPLAY_NAME_MAPPINGS == {"IDFuseLoadIDEncoder": "IDFuse Load ID Encoder"}

@@ -1,5 +1,5 @@
 """Face nodes: insightface's own code (FaceAnalysis, SCRFD, ArcFaceONNX, face_align) on tiny synthetic
-ONNX models (tests/onnx_faces.py) and real face photos shipped in insightface and scikit-image."""
+ONNX models (tests/support/onnx_faces.py) and real face photos shipped in insightface and scikit-image."""
 
 from __future__ import annotations
 
@@ -13,35 +13,15 @@ import numpy as np
 import pytest
 import torch
 
+from comfyui_idfuse.models.errors import FaceAnalysisError, NoFaceError
+from comfyui_idfuse.models.faces import images
 from comfyui_idfuse.models.faces import insightface as fa
+from comfyui_idfuse.models.faces.embed import choose_face, embed_faces
+from comfyui_idfuse.models.faces.insightface import InsightFaceBackend
+from comfyui_idfuse.models.faces.preview import KEYPOINT_COLOURS
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 SUPPORT_DIR = TESTS_DIR / "support"
-
-
-def _need(module: str):
-    return pytest.importorskip(module, reason=f"the face tests need {module} (requirements-face.txt)")
-
-
-@pytest.fixture(scope="module")
-def face_libs():
-    for module in ("insightface", "onnxruntime", "onnx", "cv2", "skimage"):
-        _need(module)
-    import onnx_faces
-
-    return onnx_faces
-
-
-@pytest.fixture(scope="module")
-def insightface_root(face_libs, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("insightface")
-    face_libs.write_model_pack(root, "buffalo_l")
-    return root
-
-
-@pytest.fixture(scope="module")
-def analysis(insightface_root):
-    return fa.load_face_analysis("buffalo_l", [insightface_root], "CPU", 640)
 
 
 @pytest.fixture(scope="module")
@@ -86,19 +66,19 @@ def test_packs_load_through_insightface_router(face_libs, tmp_path, pack):
     from insightface.model_zoo.scrfd import SCRFD
 
     face_libs.write_model_pack(tmp_path, pack)
-    analysis = fa.load_face_analysis(pack, [tmp_path], "CPU", 512)
-    assert isinstance(analysis.det_model, SCRFD) and analysis.det_model.use_kps
-    assert isinstance(analysis.models["recognition"], ArcFaceONNX)
-    assert Path(analysis.models["recognition"].model_file).name == fa.MODEL_PACKS[pack].recognizer
-    assert fa.detection_sizes(analysis) == [(512, 512), (384, 384), (256, 256), (160, 160)]
+    backend = InsightFaceBackend.load(pack, [tmp_path], "CPU", 512)
+    assert isinstance(backend.analysis.det_model, SCRFD) and backend.analysis.det_model.use_kps
+    assert isinstance(backend.analysis.models["recognition"], ArcFaceONNX)
+    assert Path(backend.analysis.models["recognition"].model_file).name == fa.MODEL_PACKS[pack].recognizer
+    assert backend.detection_sizes == [(512, 512), (384, 384), (256, 256), (160, 160)]
 
 
 def test_nested_archive_folder_is_used(face_libs, tmp_path):
     inner = face_libs.write_model_pack(tmp_path, "antelopev2", nested=True)
     assert inner == tmp_path / "models" / "antelopev2" / "antelopev2"
     assert fa.find_model_pack("antelopev2", [tmp_path]) == inner
-    analysis = fa.load_face_analysis("antelopev2", [tmp_path])
-    assert Path(analysis.det_model.model_file).parent == inner
+    backend = InsightFaceBackend.load("antelopev2", [tmp_path])
+    assert Path(backend.analysis.det_model.model_file).parent == inner
 
 
 def test_every_insightface_root_is_searched(face_libs, tmp_path):
@@ -115,8 +95,8 @@ def test_missing_model_files_error_and_nothing_downloads(face_libs, tmp_path, mo
         raise AssertionError("insightface must not be asked to download or load anything")
 
     monkeypatch.setattr(insightface.app, "FaceAnalysis", no_download)
-    with pytest.raises(fa.FaceAnalysisError) as error:
-        fa.load_face_analysis("antelopev2", [tmp_path])
+    with pytest.raises(FaceAnalysisError) as error:
+        InsightFaceBackend.load("antelopev2", [tmp_path])
     message = str(error.value)
     for expected in ("antelopev2", "scrfd_10g_bnkps.onnx", "glintr100.onnx", "antelopev2.zip", "model zoo",
                      str(tmp_path / "models" / "antelopev2")):
@@ -125,20 +105,20 @@ def test_missing_model_files_error_and_nothing_downloads(face_libs, tmp_path, mo
     # An incomplete folder: the error says which file is missing.
     face_libs.write_model_pack(tmp_path, "buffalo_l")
     (tmp_path / "models" / "buffalo_l" / "w600k_r50.onnx").unlink()
-    with pytest.raises(fa.FaceAnalysisError, match=r"lacks w600k_r50\.onnx"):
-        fa.load_face_analysis("buffalo_l", [tmp_path])
+    with pytest.raises(FaceAnalysisError, match=r"lacks w600k_r50\.onnx"):
+        InsightFaceBackend.load("buffalo_l", [tmp_path])
 
 
 def test_damaged_model_file_is_a_clear_error(face_libs, tmp_path):
     folder = face_libs.write_model_pack(tmp_path, "buffalo_l")
     (folder / "det_10g.onnx").write_bytes(b"not an onnx file")
-    with pytest.raises(fa.FaceAnalysisError, match="could not load the models|recognised no face detector"):
-        fa.load_face_analysis("buffalo_l", [tmp_path])
+    with pytest.raises(FaceAnalysisError, match="could not load the models|recognised no face detector"):
+        InsightFaceBackend.load("buffalo_l", [tmp_path])
 
 
 def test_detection_size_must_suit_the_detector(insightface_root):
-    with pytest.raises(fa.FaceAnalysisError, match="multiple of 32"):
-        fa.load_face_analysis("buffalo_l", [insightface_root], "CPU", 600)
+    with pytest.raises(FaceAnalysisError, match="multiple of 32"):
+        InsightFaceBackend.load("buffalo_l", [insightface_root], "CPU", 600)
 
 
 def test_providers_follow_onnxruntime():
@@ -148,7 +128,7 @@ def test_providers_follow_onnxruntime():
     assert fa.available_providers(gpu) == ["CPU", "CUDA"]
     assert fa.provider_chain("CUDA", gpu) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert fa.provider_chain("CPU", gpu) == ["CPUExecutionProvider"]
-    with pytest.raises(fa.FaceAnalysisError, match="onnxruntime-gpu"):
+    with pytest.raises(FaceAnalysisError, match="onnxruntime-gpu"):
         fa.provider_chain("CUDA", ["CPUExecutionProvider"])
 
 
@@ -160,7 +140,8 @@ def test_provider_input_lists_what_onnxruntime_runs(face_libs, monkeypatch):
     listed = onnxruntime.get_available_providers()
     offered = IDFuseLoadFaceAnalysis.INPUT_TYPES()["required"]["provider"][0]
     assert offered[0] == "CPU" and ("CUDA" in offered) == ("CUDAExecutionProvider" in listed)
-    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert IDFuseLoadFaceAnalysis.INPUT_TYPES()["required"]["provider"][0] == ["CPU", "CUDA"]
 
 
@@ -175,17 +156,17 @@ def test_load_node_reads_every_registered_insightface_folder(face_libs, tmp_path
     extra = tmp_path / "shared-insightface"  # e.g. listed under insightface: in extra_model_paths.yaml
     face_libs.write_model_pack(extra, "buffalo_l", nested=True)
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "insightface", ([*paths, str(extra)], extensions))
-    (analysis,) = IDFuseLoadFaceAnalysis().load("buffalo_l", "CPU", 640)
-    assert Path(analysis.det_model.model_file).parent == extra / "models" / "buffalo_l" / "buffalo_l"
+    (backend,) = IDFuseLoadFaceAnalysis().load("buffalo_l", "CPU", 640)
+    assert Path(backend.analysis.det_model.model_file).parent == extra / "models" / "buffalo_l" / "buffalo_l"
 
 
 def test_fixed_size_detector_is_only_run_at_its_size(face_libs, tmp_path):
     face_libs.write_model_pack(tmp_path, "buffalo_l", detector_input_size=640)
-    analysis = fa.load_face_analysis("buffalo_l", [tmp_path], "CPU", 320)
-    assert fa.detection_sizes(analysis) == [(640, 640)]
+    backend = InsightFaceBackend.load("buffalo_l", [tmp_path], "CPU", 320)
+    assert backend.detection_sizes == [(640, 640)]
     # The astronaut's face is found only at 384 by the synthetic detector (see the fallback test).
-    with pytest.raises(fa.NoFaceError, match=r"detection sizes tried: 640\)"):
-        fa.embed_faces(analysis, as_image(face_libs.astronaut()))
+    with pytest.raises(NoFaceError, match=r"detection sizes tried: 640\)"):
+        embed_faces(backend, as_image(face_libs.astronaut()))
 
 
 # --- detection -------------------------------------------------------------------------------
@@ -211,28 +192,28 @@ def test_faces_are_ordered_left_to_right_in_the_photos_pixels():
 
     # insightface lists faces by score: here the right one first.
     detector = ListedDetector([[300, 40, 380, 120, 0.99], [20, 30, 140, 150, 0.80]])
-    analysis = SimpleNamespace(det_model=detector, det_size=(640, 640))
-    faces = fa.detect_faces(analysis, np.zeros((400, 400, 3), np.uint8), fa.detection_sizes(analysis))
+    backend = InsightFaceBackend(SimpleNamespace(det_model=detector, det_size=(640, 640)))
+    faces = backend.detect(np.zeros((400, 400, 3), np.uint8))
     assert faces.boxes[:, 0].tolist() == [20, 300] and faces.scores.tolist() == pytest.approx([0.80, 0.99])
-    assert fa.choose_face(faces, "largest", 0, "photo 1") == 0 and fa.choose_face(faces, "index", 1, "photo 1") == 1
+    assert choose_face(faces, "largest", 0, "photo 1") == 0 and choose_face(faces, "index", 1, "photo 1") == 1
     assert detector.calls == [((400, 400, 3), (640, 640))]
 
     # A small photo is detected on a padded canvas; boxes and keypoints come back in its own pixels.
     detector = ListedDetector([[60, 60, 140, 140, 0.9]])
-    analysis = SimpleNamespace(det_model=detector, det_size=(640, 640))
-    faces = fa.detect_faces(analysis, np.zeros((100, 100, 3), np.uint8), fa.detection_sizes(analysis))
+    backend = InsightFaceBackend(SimpleNamespace(det_model=detector, det_size=(640, 640)))
+    faces = backend.detect(np.zeros((100, 100, 3), np.uint8))
     assert detector.calls[0][0] == (200, 200, 3)
     assert faces.boxes.tolist() == [[10, 10, 90, 90]] and faces.keypoints[0, 0].tolist() == [50, 50]
 
 
 
 
-def test_detection_falls_back_to_smaller_sizes(face_libs, analysis):
+def test_detection_falls_back_to_smaller_sizes(face_libs, backend):
     photo = face_libs.astronaut()
     bgr = np.ascontiguousarray(photo[:, :, ::-1])
-    assert len(analysis.det_model.detect(bgr, input_size=(640, 640), max_num=0)[0]) == 0  # so 640 alone fails
+    assert len(backend.analysis.det_model.detect(bgr, input_size=(640, 640), max_num=0)[0]) == 0  # so 640 alone fails
 
-    embedding, _ = fa.embed_faces(analysis, as_image(photo))
+    embedding, _ = embed_faces(backend, as_image(photo))
     (source,) = embedding.sources
     assert source.det_size[0] < 640 and (source.photo, source.width, source.height) == (1, 512, 512)
     # The face found is the astronaut's: its keypoints are near the hand-labelled ones.
@@ -241,68 +222,68 @@ def test_detection_falls_back_to_smaller_sizes(face_libs, analysis):
     assert error.max() < 0.2 * eye_distance
 
 
-def test_face_choice_largest_and_by_index(face_libs, analysis):
+def test_face_choice_largest_and_by_index(face_libs, backend):
     astronaut_face = face_libs.aligned_crop(face_libs.astronaut(), face_libs.ASTRONAUT_KPS)
     # Two faces on one wall: the astronaut small on the left, Tom Hanks large on the right.
     photo = on_canvas(face_libs.tom_hanks(), 224, (272, 144), on_canvas(astronaut_face, 102, (13, 77)))
-    faces = fa.detect_faces(analysis, photo, fa.detection_sizes(analysis))
+    faces = backend.detect(photo)
     assert len(faces) == 2
     centres_x = (faces.boxes[:, 0] + faces.boxes[:, 2]) / 2
     assert centres_x[0] < 256 < centres_x[1]  # ordered left to right
 
     bgr = np.ascontiguousarray(photo[:, :, ::-1])
-    raw_boxes = analysis.det_model.detect(bgr, input_size=faces.det_size, max_num=0)[0]
+    raw_boxes = backend.analysis.det_model.detect(bgr, input_size=faces.det_size, max_num=0)[0]
     raw_areas = (raw_boxes[:, 2] - raw_boxes[:, 0]) * (raw_boxes[:, 3] - raw_boxes[:, 1])
     largest_raw = raw_boxes[np.argmax(raw_areas), :4]
 
-    largest, _ = fa.embed_faces(analysis, as_image(photo), face_choice="largest")
+    largest, _ = embed_faces(backend, as_image(photo), face_choice="largest")
     assert np.allclose(largest.boxes[0].numpy(), largest_raw)
     assert largest.sources[0].face == 1 and largest.sources[0].faces_found == 2
-    left, _ = fa.embed_faces(analysis, as_image(photo), face_choice="index", face_index=0)
+    left, _ = embed_faces(backend, as_image(photo), face_choice="index", face_index=0)
     assert left.boxes[0, 2] < 256  # the astronaut
     assert cosine(left.arcface, largest.arcface) < 0.9  # two people, two identities
 
-    with pytest.raises(fa.FaceAnalysisError, match=r"photo 1 of 1 \(512x512 px\) has 2 face\(s\).*face_index 2"):
-        fa.embed_faces(analysis, as_image(photo), face_choice="index", face_index=2)
+    with pytest.raises(FaceAnalysisError, match=r"photo 1 of 1 \(512x512 px\) has 2 face\(s\).*face_index 2"):
+        embed_faces(backend, as_image(photo), face_choice="index", face_index=2)
 
 
-def test_grey_and_rgba_images(analysis, portraits):
+def test_grey_and_rgba_images(backend, portraits):
     photo = portraits["astronaut"]
-    colour, _ = fa.embed_faces(analysis, as_image(photo))
+    colour, _ = embed_faces(backend, as_image(photo))
 
     grey_photo = grey(photo)
-    one_channel, _ = fa.embed_faces(analysis, as_image(grey_photo[..., None]))
-    three_channels, _ = fa.embed_faces(analysis, as_image(np.repeat(grey_photo[..., None], 3, axis=-1)))
+    one_channel, _ = embed_faces(backend, as_image(grey_photo[..., None]))
+    three_channels, _ = embed_faces(backend, as_image(np.repeat(grey_photo[..., None], 3, axis=-1)))
     assert torch.allclose(one_channel.arcface, three_channels.arcface, atol=1e-6)
     assert cosine(one_channel.arcface, colour.arcface) > 0.98  # same face
 
     opaque = np.concatenate([photo, np.full((*photo.shape[:2], 1), 255, np.uint8)], axis=-1)
-    rgba, _ = fa.embed_faces(analysis, as_image(opaque))
+    rgba, _ = embed_faces(backend, as_image(opaque))
     assert torch.allclose(rgba.arcface, colour.arcface, atol=1e-6)
 
     # A transparent region (a cut-out portrait) is composited over black; the face is still found.
     cutout = opaque.copy()
     cutout[:, 400:, 3] = 0
-    cut, cut_preview = fa.embed_faces(analysis, as_image(cutout))
+    cut, cut_preview = embed_faces(backend, as_image(cutout))
     assert cosine(cut.arcface, colour.arcface) > 0.98
     assert float(cut_preview[0, :, 400:].max()) == 0.0 and float(cut_preview[0, :, :400].max()) > 0.0
 
 
-def test_small_images_are_padded_before_detection(face_libs, analysis, monkeypatch):
+def test_small_images_are_padded_before_detection(face_libs, backend, monkeypatch):
     import cv2
 
     # insightface's Tom Hanks sample is an aligned 112x112 face: its keypoints are ArcFace's template.
-    tom, _ = fa.embed_faces(analysis, as_image(face_libs.tom_hanks()))
+    tom, _ = embed_faces(backend, as_image(face_libs.tom_hanks()))
     assert np.abs(tom.keypoints[0].numpy() - face_libs.ARCFACE_KPS_112).max() < 6.0
 
     small = cv2.resize(face_libs.astronaut()[40:200, 140:300], (96, 96), interpolation=cv2.INTER_AREA)
-    padded, _ = fa.embed_faces(analysis, as_image(small))
+    padded, _ = embed_faces(backend, as_image(small))
     box = padded.boxes[0].numpy()
     assert padded.sources[0].det_size == (640, 640)
     assert box[0] >= -2 and box[1] >= -2 and box[2] <= 98 and box[3] <= 98  # in the 96x96 photo's pixels
 
-    monkeypatch.setattr(fa, "SMALL_IMAGE_SIDE", 0)  # without padding the face fills the frame: 640 fails
-    unpadded, _ = fa.embed_faces(analysis, as_image(small))
+    monkeypatch.setattr(images, "SMALL_IMAGE_SIDE", 0)  # without padding the face fills the frame: 640 fails
+    unpadded, _ = embed_faces(backend, as_image(small))
     assert unpadded.sources[0].det_size[0] < 640
 
 
@@ -322,10 +303,10 @@ def _independent_embedding(face_libs, insightface_root, rgb: np.ndarray, keypoin
 
 
 @pytest.mark.parametrize("combine", ["mean", "normalized mean"])
-def test_several_photos_are_combined(face_libs, analysis, insightface_root, portraits, combine):
+def test_several_photos_are_combined(face_libs, backend, insightface_root, portraits, combine):
     # The full astronaut photo's face is found at a smaller detection size than the portraits'.
     photos = [portraits["astronaut"], portraits["tom"], face_libs.astronaut()]
-    embedding, preview = fa.embed_faces(analysis, as_image(*photos), combine=combine)
+    embedding, preview = embed_faces(backend, as_image(*photos), combine=combine)
     assert embedding.per_photo_arcface.shape == (3, 512) and embedding.arcface.shape == (1, 512)
     assert [s.photo for s in embedding.sources] == [1, 2, 3]
 
@@ -350,16 +331,16 @@ def sky_512(face_libs) -> np.ndarray:
     return cv2.resize(face_libs.sky(), (512, 512), interpolation=cv2.INTER_CUBIC)
 
 
-def test_photo_without_face_is_named_in_the_error(analysis, portraits, sky_512):
+def test_photo_without_face_is_named_in_the_error(backend, portraits, sky_512):
     batch = as_image(portraits["astronaut"], sky_512, portraits["tom"])
-    with pytest.raises(fa.NoFaceError, match=r"photo 2 of 3 \(512x512 px\).*on_no_face.*'skip'") as error:
-        fa.embed_faces(analysis, batch)
+    with pytest.raises(NoFaceError, match=r"photo 2 of 3 \(512x512 px\).*on_no_face.*'skip'") as error:
+        embed_faces(backend, batch)
     assert "photo 1 " not in str(error.value) and "photo 3 " not in str(error.value)
 
 
-def test_photo_without_face_can_be_skipped(analysis, portraits, sky_512):
+def test_photo_without_face_can_be_skipped(backend, portraits, sky_512):
     batch = as_image(portraits["astronaut"], sky_512, portraits["tom"])
-    embedding, preview = fa.embed_faces(analysis, batch, on_no_face="skip")
+    embedding, preview = embed_faces(backend, batch, on_no_face="skip")
     assert [s.photo for s in embedding.sources] == [1, 3] and embedding.per_photo_arcface.shape == (2, 512)
     assert preview.shape == (3, 512, 512, 3)
     red = torch.tensor([230, 0, 0]) / 255.0
@@ -367,24 +348,25 @@ def test_photo_without_face_can_be_skipped(analysis, portraits, sky_512):
     assert torch.allclose(preview[1, 256, 256], batch[1, 256, 256], atol=1 / 255)  # and otherwise unchanged
 
 
-def test_no_face_in_any_photo_is_an_error_even_when_skipping(analysis, sky_512):
+def test_no_face_in_any_photo_is_an_error_even_when_skipping(backend, sky_512):
     flat = np.full((512, 512, 3), 128, np.uint8)
-    with pytest.raises(fa.NoFaceError, match=r"photo 1 of 2 .*photo 2 of 2 .*detection sizes tried: 640, 512, 384, 256, 160"):
-        fa.embed_faces(analysis, as_image(sky_512, flat), on_no_face="skip")
+    with pytest.raises(NoFaceError,
+                       match=r"photo 1 of 2 .*photo 2 of 2 .*detection sizes tried: 640, 512, 384, 256, 160"):
+        embed_faces(backend, as_image(sky_512, flat), on_no_face="skip")
 
 
 # --- preview ---------------------------------------------------------------------------------------
 
 
-def test_preview_draws_boxes_and_keypoints(analysis, portraits):
+def test_preview_draws_boxes_and_keypoints(backend, portraits):
     photo = portraits["tom"]
-    embedding, preview = fa.embed_faces(analysis, as_image(photo))
+    embedding, preview = embed_faces(backend, as_image(photo))
     assert preview.shape == (1, 512, 512, 3) and preview.dtype == torch.float32
     assert 0.0 <= float(preview.min()) and float(preview.max()) <= 1.0
     x1, y1, x2, y2 = (int(round(float(v))) for v in embedding.boxes[0])
     green = torch.tensor([0, 220, 0]) / 255.0
     assert torch.allclose(preview[0, (y1 + y2) // 2, x1], green)  # the chosen face's box
-    for (x, y), colour in zip(embedding.keypoints[0].round().int().tolist(), fa._KEYPOINT_COLOURS, strict=True):
+    for (x, y), colour in zip(embedding.keypoints[0].round().int().tolist(), KEYPOINT_COLOURS, strict=True):
         assert torch.allclose(preview[0, y, x], torch.tensor(colour) / 255.0)
     untouched = torch.from_numpy(photo).float() / 255.0
     assert torch.equal(preview[0, :100, :100], untouched[:100, :100])
@@ -412,12 +394,12 @@ class StubClipVision:
         return Output()
 
 
-def test_clip_vision_gets_the_aligned_224_crops(face_libs, analysis, portraits):
+def test_clip_vision_gets_the_aligned_224_crops(face_libs, backend, portraits):
     from comfyui_idfuse.nodes.faces import IDFuseFaceEmbed
 
     photos = [portraits["astronaut"], portraits["tom"]]
     clip_vision = StubClipVision()
-    embedding, preview = IDFuseFaceEmbed().embed(as_image(*photos), analysis, "largest", 0, "normalized mean",
+    embedding, preview = IDFuseFaceEmbed().embed(as_image(*photos), backend, "largest", 0, "normalized mean",
                                                  "error", clip_vision=clip_vision)
     (crops,) = clip_vision.seen
     assert crops.shape == (2, 224, 224, 3) and 0.0 <= float(crops.min()) and float(crops.max()) <= 1.0
@@ -425,13 +407,14 @@ def test_clip_vision_gets_the_aligned_224_crops(face_libs, analysis, portraits):
         expected = face_libs.aligned_crop(photo, kps.numpy(), 224)  # RGB in, RGB out
         assert torch.allclose(crop, torch.from_numpy(expected).float() / 255.0)
     assert embedding.clip_hidden.shape == (1, 257, 1280)
-    assert torch.allclose(embedding.clip_hidden, clip_vision.encode_image(crops).penultimate_hidden_states.mean(0, keepdim=True))
+    expected_hidden = clip_vision.encode_image(crops).penultimate_hidden_states.mean(0, keepdim=True)
+    assert torch.allclose(embedding.clip_hidden, expected_hidden)
     assert preview.shape == (2, 512, 512, 3)
 
 
-def test_clip_vision_output_is_checked(face_libs, analysis):
-    with pytest.raises(fa.FaceAnalysisError, match="CLIP vision model returned"):
-        fa.embed_faces(analysis, as_image(face_libs.tom_hanks()), clip_encoder=lambda crops: crops.mean())
+def test_clip_vision_output_is_checked(face_libs, backend):
+    with pytest.raises(FaceAnalysisError, match="CLIP vision model returned"):
+        embed_faces(backend, as_image(face_libs.tom_hanks()), clip_encoder=lambda crops: crops.mean())
 
 
 # --- nodes ---------------------------------------------------------------------------------------
@@ -479,7 +462,7 @@ def test_pack_imports_without_insightface(tmp_path):
         comfy_env.setup_comfy()
         import comfyui_idfuse
         from comfyui_idfuse.nodes import faces as face
-        from comfyui_idfuse.models.faces.insightface import FaceAnalysisError
+        from comfyui_idfuse.models.errors import FaceAnalysisError
 
         assert face.IDFuseLoadFaceAnalysis.INPUT_TYPES()["required"]["provider"][0] == ["CPU"]
         import torch

@@ -1,8 +1,9 @@
 """Find ComfyUI for the tests and benchmarks, and import the pack under a stable name.
 
-Order (DEVELOPERS.md): ``COMFYUI_PATH``; an ancestor folder when the pack sits in
-``ComfyUI/custom_nodes/``; otherwise the pinned ``notcomfy`` core, installed into an
-isolated cache folder of which only the core packages are put on ``sys.path``.
+The one ComfyUI locator of the tests, the benchmarks and the e2e harness (the order the README's
+Development section describes): ``COMFYUI_PATH``; an ancestor folder when the pack sits in
+``ComfyUI/custom_nodes/``; otherwise the pinned ``notcomfy`` core, installed into an isolated
+cache folder of which only the core packages are put on ``sys.path``.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
+# The pack as reached (not resolved): keeps ComfyUI/custom_nodes/<pack> visible when that is a symlink.
+PACK_DIR_AS_SEEN = Path(os.path.abspath(__file__)).parents[2]
 PACKAGE_NAME = "comfyui_idfuse"
 
 NOTCOMFY_REQUIREMENT = "notcomfy==0.1.0"
@@ -26,23 +30,59 @@ NOTCOMFY_CORE_PACKAGES = ("comfy", "comfy_extras", "comfy_execution")
 CLIP_BPE_REQUIREMENT = "clip-anytorch==2.6.0"
 CLIP_BPE_SHA256 = "ebc0afed243851b9dc7e16ab8afb665237e8a5838986e97cd99f123ae4ce94ce"
 
+# What a checkout needs besides comfy/ for its server to run (the core has none of them).
+FULL_COMFYUI_FILES = ("main.py", "server.py", "nodes.py", "folder_paths.py")
+PINNED_CORE = "the pinned notcomfy core"
+
 
 @dataclass(frozen=True)
 class ComfyInstall:
     root: Path
-    kind: str  # "full" (a ComfyUI checkout with server) or "core" (notcomfy)
+    kind: str  # "full" (a ComfyUI checkout with server) or "core" (notcomfy, or a checkout without one)
+    found_by: str = PINNED_CORE  # how it was found, for messages
 
     @property
     def is_full(self) -> bool:
         return self.kind == "full"
 
+    @property
+    def is_pinned_core(self) -> bool:
+        return self.found_by == PINNED_CORE
 
-def _is_comfy_root(path: Path) -> bool:
+
+def is_comfy_root(path: Path) -> bool:
     return (path / "comfy" / "model_patcher.py").is_file()
 
 
-def _is_full(path: Path) -> bool:
-    return all((path / name).is_file() for name in ("main.py", "server.py", "nodes.py", "folder_paths.py"))
+def is_full_comfyui(path: Path) -> bool:
+    """A checkout the server can run from: comfy/ plus main.py, server.py, nodes.py, folder_paths.py."""
+    return is_comfy_root(path) and all((path / name).is_file() for name in FULL_COMFYUI_FILES)
+
+
+def _install_at(root: Path, found_by: str) -> ComfyInstall:
+    return ComfyInstall(root, "full" if is_full_comfyui(root) else "core", found_by)
+
+
+def locate_comfy(environ: Mapping[str, str] | None = None, pack_dir: Path = PACK_DIR_AS_SEEN) -> ComfyInstall | None:
+    """``COMFYUI_PATH``, else an ancestor when the pack sits in ``ComfyUI/custom_nodes/<pack>``; else ``None``.
+
+    Installs nothing (:func:`find_comfy` falls back to the pinned core). Raises ``RuntimeError``
+    when ``COMFYUI_PATH`` names a folder without ComfyUI's ``comfy`` package.
+    """
+    env = os.environ if environ is None else environ
+    configured = env.get("COMFYUI_PATH")
+    if configured:
+        root = Path(configured).expanduser().resolve()
+        if not is_comfy_root(root):
+            raise RuntimeError(f"COMFYUI_PATH={configured} does not contain comfy/model_patcher.py")
+        return _install_at(root, f"COMFYUI_PATH={configured}")
+    # The unresolved path keeps a symlinked custom_nodes/<pack> visible; the resolved one finds
+    # a pack checked out in place.
+    for candidate in dict.fromkeys([Path(os.path.abspath(pack_dir)), pack_dir.resolve()]):
+        for parent in candidate.parents:
+            if parent.name == "custom_nodes" and is_comfy_root(parent.parent):
+                return _install_at(parent.parent, f"ancestor of the pack: {parent.parent}")
+    return None
 
 
 def _cache_dir() -> Path:
@@ -68,7 +108,7 @@ def _install_notcomfy() -> Path:
     """Install the pinned core once into a cache folder; return a folder holding only its core packages."""
     target = _cache_dir() / "notcomfy-0.1.0"
     core = _cache_dir() / "notcomfy-0.1.0-core"
-    if not (target / "comfy" / "model_patcher.py").is_file():
+    if not is_comfy_root(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix="notcomfy-", dir=target.parent))
         _pip_pinned(NOTCOMFY_REQUIREMENT, NOTCOMFY_SHA256, ["install", "--target", str(staging)])
@@ -85,17 +125,8 @@ def _install_notcomfy() -> Path:
 
 
 def find_comfy() -> ComfyInstall:
-    env = os.environ.get("COMFYUI_PATH")
-    if env:
-        root = Path(env).expanduser().resolve()
-        if not _is_comfy_root(root):
-            raise RuntimeError(f"COMFYUI_PATH={env} does not contain comfy/model_patcher.py")
-        return ComfyInstall(root, "full" if _is_full(root) else "core")
-    for parent in PACK_ROOT.parents:
-        if parent.name == "custom_nodes" and _is_comfy_root(parent.parent):
-            root = parent.parent
-            return ComfyInstall(root, "full" if _is_full(root) else "core")
-    return ComfyInstall(_install_notcomfy(), "core")
+    """:func:`locate_comfy`, else the pinned core (installed on first use)."""
+    return locate_comfy() or ComfyInstall(_install_notcomfy(), "core")
 
 
 _SETUP: ComfyInstall | None = None

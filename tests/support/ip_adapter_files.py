@@ -9,7 +9,7 @@ image_proj
     perceiver_resampler.proj_in (C, 1280), proj_out (C, C), norm_out (C),        Plus and PlusV2
         layers.i.0.{norm1, norm2 (C), to_q (C, C), to_kv (2C, C), to_out (C, C)},
         layers.i.1.{0: LayerNorm (C), 1: (4C, C), 3: (C, 4C)}, i < 4 (C/64 heads of 64)
-ip_adapter, per attention processor N in diffusers' order (models/processor_order.py), width h
+ip_adapter, per attention processor N in diffusers' order (models/encoders/processor_order.py), width h
     N.to_{q,k,v,out}_lora.down.weight (r, in), .up.weight (h, r); r = 128, in = C for an
         attn2's to_k / to_v, else h                                               every processor
     N.to_k_ip.weight, N.to_v_ip.weight (h, C)                                     attn2 only
@@ -48,7 +48,7 @@ REAL = Widths()
 # Every key of a real file and the context widths that tell the families apart (768 / 2048), with
 # narrow UNet layers, mappers and LoRA: 2-40 MB in fp16.
 SMALL = Widths(unet_divisor=40, lora_rank=4, face_hidden=64, resampler_depth=2, resampler_inner=64, resampler_ff=128)
-# SMALL with the layer widths of tests/factories' small UNets (real / 10), to patch those models.
+# SMALL with the layer widths of the small UNets of tests/support/factories.py (real / 10), to patch those models.
 FITS_TEST_UNETS = replace(SMALL, unet_divisor=10)
 
 NUM_FACE_TOKENS = 4

@@ -81,3 +81,43 @@ def test_nan_and_bad_words_rejected():
         tokens.validate()
     with pytest.raises(IDTokensError, match="placeholder word must be one word"):
         make_id_tokens(placeholder="two words").validate()
+
+
+def _rewritten(tmp_path, name: str, metadata: dict[str, str] | None = None, tensors: dict | None = None):
+    """A valid token file with some metadata entries or tensors replaced."""
+    tokens = make_id_tokens()
+    path = tmp_path / name
+    save_file({**tokens.state_dict(), **(tensors or {})}, str(path), metadata={**tokens.metadata(), **(metadata or {})})
+    return path
+
+
+@pytest.mark.parametrize("field", ["format_version", "num_stages"])
+def test_metadata_numbers_that_are_not_numbers(tmp_path, field):
+    path = _rewritten(tmp_path, "odd.safetensors", metadata={field: "abc"})
+    with pytest.raises(IDTokensError, match=rf"odd.safetensors: the metadata entry '{field}' is 'abc', not a whole number"):
+        load_id_tokens(path)
+
+
+def test_tensor_without_dimensions(tmp_path):
+    path = _rewritten(tmp_path, "flat.safetensors", tensors={"keys.clip_l": torch.tensor(1.0)})
+    with pytest.raises(IDTokensError, match=r"flat.safetensors: keys.clip_l is a 0-dimensional tensor"):
+        load_id_tokens(path)
+    path = _rewritten(tmp_path, "line.safetensors", tensors={"values.clip_l": torch.zeros(768)})
+    with pytest.raises(IDTokensError, match=r"line.safetensors: values.clip_l is a 1-dimensional tensor of shape \(768,\)"):
+        load_id_tokens(path)
+
+
+def test_broken_metadata_entries_are_named(tmp_path):
+    tokens = make_id_tokens()
+    metadata = tokens.metadata()
+    del metadata["placeholder"]
+    path = tmp_path / "cut.safetensors"
+    save_file(tokens.state_dict(), str(path), metadata=metadata)
+    with pytest.raises(IDTokensError, match="cut.safetensors: the metadata has no 'placeholder' entry"):
+        load_id_tokens(path)
+    path = _rewritten(tmp_path, "json.safetensors", metadata={"training": "{not json"})
+    with pytest.raises(IDTokensError, match="json.safetensors: the metadata entry 'training' is not valid JSON"):
+        load_id_tokens(path)
+    path = _rewritten(tmp_path, "list.safetensors", metadata={"training": "[1, 2]"})
+    with pytest.raises(IDTokensError, match="list.safetensors: the metadata entry 'training' is a JSON list"):
+        load_id_tokens(path)

@@ -7,13 +7,12 @@ import pytest
 import torch
 from factories import make_model
 
-from comfyui_idfuse.models.training.attention import (
+from comfyui_idfuse.models.training.losses import attention_loss, face_mask_loss
+from comfyui_idfuse.models.training.probes import (
     AttentionProbes,
     LayerRecord,
     ProbeBatch,
-    attention_loss,
     explicit_attention,
-    face_mask_loss,
     face_share,
 )
 from comfyui_idfuse.models.unet import BlockKey, block_keys, cross_attention_path, layer_grid, select_layers

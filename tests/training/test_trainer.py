@@ -4,23 +4,32 @@ interrupt + resume, NaN, masks, the saved LoRA in ComfyUI's own loader, the inpu
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import re
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import torch
 from factories import make_clip, make_model, tiny_vae
-from trainer_inputs import SIZE, settings
+from trainer_inputs import SIZE, settings, widget_defaults
 
-from comfyui_idfuse.models.faces.cascade import ellipse_mask
+import comfyui_idfuse
+from comfyui_idfuse.models.errors import IDFuseInputError, TrainingError
+from comfyui_idfuse.models.faces.masks import ellipse_mask
 from comfyui_idfuse.models.tokens.format import load_id_tokens
-from comfyui_idfuse.models.training import attention as attention_loss
+from comfyui_idfuse.models.training import probes as attention_loss
 from comfyui_idfuse.models.training.frozen import without_inference_tensors
 from comfyui_idfuse.models.training.photos import prepare_photos
-from comfyui_idfuse.models.training.token_trainer import IdentityTrainer, TrainingError
+from comfyui_idfuse.models.training.settings import DEFAULT_SAVE_NAME, TrainingSettings, setting_range
+from comfyui_idfuse.models.training.token_trainer import IdentityTrainer
 from comfyui_idfuse.models.unet import select_layers
-from comfyui_idfuse.nodes.glue.face_masks import face_masks
-from comfyui_idfuse.nodes.train import NODE_CLASS_MAPPINGS, IDFuseTrainIdentity
+from comfyui_idfuse.nodes.glue.lora_files import LORA_TARGET_CHOICES
+from comfyui_idfuse.nodes.glue.training_files import MAX_FILE_NAME_BYTES, OutputFiles
+from comfyui_idfuse.nodes.glue.training_masks import face_masks
+from comfyui_idfuse.nodes.glue.training_options import LOSS_LAYER_CHOICES
+from comfyui_idfuse.nodes.train import NODE_CLASS_MAPPINGS, IDFuseTrainIdentity, IDFuseTrainingOptions
 
 LEARNING_STEPS = 36  # "a few dozen": enough for the loss and the face share to move clearly
 
@@ -117,16 +126,173 @@ def _report(outputs) -> dict:
 
 def test_node_is_registered_with_its_defaults():
     assert NODE_CLASS_MAPPINGS["IDFuseTrainIdentity"] is IDFuseTrainIdentity
-    assert IDFuseTrainIdentity.CATEGORY == "IDFuse/training"
+    assert NODE_CLASS_MAPPINGS["IDFuseTrainingOptions"] is IDFuseTrainingOptions
+    assert IDFuseTrainIdentity.CATEGORY == IDFuseTrainingOptions.CATEGORY == "IDFuse/training"
     required = IDFuseTrainIdentity.INPUT_TYPES()["required"]
-    names = list(required)
-    assert names[:4] == ["model", "clip", "vae", "images"]
-    defaults = {n: required[n][1].get("default") for n in names[4:]}
+    assert list(required) == ["model", "clip", "vae", "images", "placeholder", "initializer", "steps",
+                              "learning_rate", "attention_weight", "lora_rank", "seed", "save_name", "resume_from"]
+    defaults = {**widget_defaults(IDFuseTrainIdentity), **widget_defaults(IDFuseTrainingOptions)}
     assert defaults["placeholder"] == "sks" and defaults["initializer"] == "person"
     assert defaults["num_stages"] == 5 and defaults["learning_rate"] == 1e-4 and defaults["attention_weight"] == 0.003
     assert defaults["attention_mode"] == "face_mask" and defaults["loss_layers"] == "2, 4"
     assert defaults["lora_rank"] == 0 and defaults["lora_targets"] == "to_k, to_v"
-    assert set(IDFuseTrainIdentity.INPUT_TYPES()["optional"]) == {"masks", "face_analysis"}
+    assert set(IDFuseTrainIdentity.INPUT_TYPES()["optional"]) == {"masks", "face_analysis", "options"}
+    assert IDFuseTrainIdentity.INPUT_TYPES()["optional"]["options"][0] == IDFuseTrainingOptions.RETURN_TYPES[0]
+
+
+# --- one home for the defaults: TrainingSettings, read by both nodes and stated by the docs ---------
+
+PACK = Path(comfyui_idfuse.__file__).parent
+# node input -> TrainingSettings field, where the widget shows the setting in another form
+WIDGET_FORMS = {"loss_layers": ("loss_downscales", LOSS_LAYER_CHOICES.get),
+                "lora_targets": ("lora_targets", LORA_TARGET_CHOICES.get),
+                "templates": ("templates", lambda text: tuple(text.splitlines()))}
+
+
+def _setting_of(input_name: str, widget_value):
+    field_name, parse = WIDGET_FORMS.get(input_name, (input_name, lambda v: v))
+    return field_name, parse(widget_value)
+
+
+def test_node_defaults_and_ranges_are_the_settings():
+    plain = TrainingSettings()
+    settings_inputs = {f.name for f in fields(TrainingSettings)}
+    seen = set()
+    for node in (IDFuseTrainIdentity, IDFuseTrainingOptions):
+        for name, (kind, spec) in node.INPUT_TYPES()["required"].items():
+            if "default" not in spec or name in ("save_name", "resume_from"):
+                continue
+            field_name, value = _setting_of(name, spec["default"])
+            assert value == getattr(plain, field_name), name
+            limits = setting_range(field_name)
+            assert {k: spec[k] for k in limits} == limits, name
+            if isinstance(kind, list):
+                assert spec["default"] in kind
+            seen.add(field_name)
+    assert seen == settings_inputs  # every setting has exactly one widget, on one of the two nodes
+    assert widget_defaults(IDFuseTrainIdentity)["save_name"] == DEFAULT_SAVE_NAME
+
+
+def _doc_value(cell: str):
+    """A default as the docs write it: `text`, on/off, a number, or empty (a linked input)."""
+    cell = cell.strip()
+    if not cell:
+        return None
+    if cell in ("on", "off"):
+        return cell == "on"
+    if cell.startswith("`") and cell.endswith("`"):
+        return cell[1:-1]
+    return float(cell)
+
+
+def _defaults_table(text: str) -> dict[str, object]:
+    """``input -> default`` of the markdown table rows whose first cell is one `input` name."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
+        if len(cells) >= 3 and re.fullmatch(r"`\w+`( \(optional\))?", cells[0]):
+            rows[cells[0].split("`")[1]] = cells[1]
+    return rows
+
+
+def _check_documented_defaults(rows: dict[str, str], where: str, text: str) -> None:
+    defaults = {**widget_defaults(IDFuseTrainIdentity), **widget_defaults(IDFuseTrainingOptions)}
+    for name, cell in rows.items():
+        if name == "templates":  # the cell points to the list that follows the table
+            block = re.search(r"```text\n(.*?)```", text, re.S)
+            assert block and tuple(block.group(1).splitlines()) == TrainingSettings().templates, where
+            continue
+        if name not in defaults:
+            assert _doc_value(cell) is None, f"{where}: {name} has no default"
+            continue
+        expected, documented = defaults[name], _doc_value(cell)
+        if isinstance(expected, bool) or isinstance(expected, str):
+            assert documented == expected, f"{where}: {name} is {cell}, the node's default {expected!r}"
+        else:
+            assert documented == pytest.approx(expected), f"{where}: {name} is {cell}, the node's default {expected}"
+
+
+@pytest.mark.parametrize("node", [IDFuseTrainIdentity, IDFuseTrainingOptions])
+def test_help_pages_list_every_input_with_the_settings_default(node):
+    text = (PACK / "web" / "docs" / f"{node.__name__}.md").read_text(encoding="utf-8")
+    rows = _defaults_table(text)
+    inputs = node.INPUT_TYPES()
+    assert set(rows) == set(inputs["required"]) | set(inputs.get("optional", {}))
+    _check_documented_defaults(rows, f"{node.__name__}.md", text)
+
+
+def test_readme_training_table_states_the_settings_defaults():
+    readme = (PACK / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Training an identity", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
+    rows = _defaults_table(section)
+    first_time = set(widget_defaults(IDFuseTrainIdentity)) - {"resume_from"}
+    assert first_time <= set(rows), first_time - set(rows)
+    assert len(rows) > len(first_time)  # and the options that matter most
+    _check_documented_defaults(rows, "README.md", section)
+
+
+def test_train_identity_without_options_is_the_default_options_node(monkeypatch):
+    from comfyui_idfuse.nodes import train as train_module
+
+    seen = []
+
+    class Capture:
+        def __init__(self, model, clip, vae, settings, save_name, resume_from):
+            seen.append(settings)
+
+        def run(self, images, masks, face_analysis):
+            return ()
+
+    monkeypatch.setattr(train_module, "TrainingRun", Capture)
+    identity = widget_defaults(IDFuseTrainIdentity)
+    default_options = IDFuseTrainingOptions().options(**widget_defaults(IDFuseTrainingOptions))[0]
+    IDFuseTrainIdentity().train(None, None, None, None, **identity)
+    IDFuseTrainIdentity().train(None, None, None, None, **identity, options=default_options)
+    changed = IDFuseTrainingOptions().options(**{**widget_defaults(IDFuseTrainingOptions), "num_stages": 3})[0]
+    IDFuseTrainIdentity().train(None, None, None, None, **identity, options=changed)
+    assert seen[0] == seen[1] == TrainingSettings()
+    assert seen[2] == dataclasses.replace(TrainingSettings(), num_stages=3)
+
+
+# --- save names ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("   ", "save_name is empty"), ("", "save_name is empty"),
+    (" me", "starts or ends with a space"), ("me ", "starts or ends with a space"),
+    ("a/b", "not a plain file name"), (".hidden", "not a plain file name"), ("tab\tname", "not a plain file name"),
+])
+def test_save_names_that_are_not_plain_file_names_are_refused(name, message):
+    with pytest.raises(IDFuseInputError, match=message):
+        OutputFiles(name)
+
+
+def test_the_save_name_message_lists_what_the_rule_allows():
+    with pytest.raises(IDFuseInputError) as refused:
+        OutputFiles("a/b")
+    message = str(refused.value)
+    for allowed in ("my name", "Zoë_2.v-1", "张伟"):  # inner spaces, letters of any script, '_', '.', '-'
+        OutputFiles(allowed)
+    assert "spaces" in message and all(f"'{c}'" in message for c in "_-.")
+
+
+def test_a_save_name_too_long_for_the_file_system_fails_before_training(parts, tmp_path):
+    from comfyui_idfuse.models.files import atomic_write_text
+
+    files = OutputFiles("a" * 200)
+    longest_ok = MAX_FILE_NAME_BYTES - (len(f".{files.report.name}.xxxxxxxx.tmp") - 200)
+    # The longest accepted name really writes every file (and its temporary file) on this file system.
+    accepted = OutputFiles("a" * longest_ok)
+    for path in (accepted.tokens, accepted.state, accepted.report, accepted.lora):
+        atomic_write_text(tmp_path / path.name, "x")
+    for too_long in ("a" * (longest_ok + 1), "a" * 240, "张" * 80):
+        with pytest.raises(IDFuseInputError, match=rf"too long.*255 bytes.*at most {longest_ok} bytes"):
+            OutputFiles(too_long)
+    with pytest.raises(IDFuseInputError, match="too long"):  # through the node, before any file is made
+        train(parts, "张" * 80)
+    assert not list(Path(tiny_tokens_dir()).glob("张*"))
+    help_page = (PACK / "web" / "docs" / "IDFuseTrainIdentity.md").read_text(encoding="utf-8")
+    assert f"at most {longest_ok} bytes ({longest_ok} ASCII or {longest_ok // 3} CJK" in help_page
 
 
 def test_gradients_reach_exactly_the_trainable_parameters(parts, monkeypatch):
@@ -415,7 +581,7 @@ def test_models_loaded_in_inference_mode_can_be_trained_through(tokenizer_dir):
 def test_diffusion_loss_is_in_the_models_own_parameterisation(prediction):
     """From ComfyUI's x0 prediction the loss recovers the raw-output MSE: eps for eps models, v
     (= α·ε − σ_vp·x0) for v-prediction models."""
-    from comfyui_idfuse.models.training.token_trainer import diffusion_loss
+    from comfyui_idfuse.models.training.loop import diffusion_loss
 
     sampling = make_model("sd15", prediction=prediction).get_model_object("model_sampling")
     gen = torch.Generator().manual_seed(0)
@@ -431,7 +597,7 @@ def test_diffusion_loss_is_in_the_models_own_parameterisation(prediction):
 
 def test_min_snr_weighting_and_lr_schedules_use_diffusers():
     pytest.importorskip("diffusers")
-    from comfyui_idfuse.models.training.token_trainer import make_lr_scheduler, min_snr_weight
+    from comfyui_idfuse.models.training.loop import make_lr_scheduler, min_snr_weight
 
     sampling = make_model("sd15").get_model_object("model_sampling")
     timesteps = torch.tensor([0, 400, 999])
@@ -520,7 +686,7 @@ def test_float16_training_scales_the_loss_and_skips_overflowing_steps(parts, mon
 
 
 def test_float16_stops_when_every_step_overflows(parts, monkeypatch):
-    from comfyui_idfuse.models.training import token_trainer as trainer_module
+    from comfyui_idfuse.models.training import loop as trainer_module
 
     monkeypatch.setattr(trainer_module, "MAX_SKIPPED_STEPS", 2)
     _overflow_at({0, 1, 2, 3}, monkeypatch)

@@ -6,7 +6,16 @@ import pytest
 import torch
 from factories import make_model, sample, sdxl_extras
 
-from comfyui_idfuse.models.unet import FAMILIES, SD15_CROSS_ATTENTION, SDXL_CROSS_ATTENTION, block_keys, select_layers
+from comfyui_idfuse.models.errors import ModelLayerNotFound
+from comfyui_idfuse.models.unet import (
+    FAMILIES,
+    SD15_CROSS_ATTENTION,
+    SDXL_CROSS_ATTENTION,
+    BlockKey,
+    block_keys,
+    cross_attention_path,
+    select_layers,
+)
 
 
 def test_table_sizes():
@@ -55,3 +64,12 @@ def test_select_layers_by_resolution():
     mid = select_layers("sd15", (2, 4))
     assert len(mid) == 10 and all(k.downscale in (2, 4) for k in mid)
     assert select_layers("sd15") == SD15_CROSS_ATTENTION
+
+
+@pytest.mark.parametrize("key", [BlockKey("input", 1, 3, 1), BlockKey("input", 40, 0, 1), BlockKey("input", 0, 0, 1)],
+                         ids=str)
+def test_a_layer_the_unet_lacks_is_a_clear_error(key):
+    """A deeper transformer, a block past the end, a block without attention: the same error, naming the layer."""
+    unet = make_model("sd15").model.diffusion_model
+    with pytest.raises(ModelLayerNotFound, match=rf"no cross-attention layer {key}: .* Load an SD1.5 or SDXL"):
+        cross_attention_path(unet, key)

@@ -1,17 +1,10 @@
-"""The attention loss of SeFi-IDE: the placeholder's cross-attention, computed explicitly on chosen layers.
+"""Attention probes: the placeholder's cross-attention, computed explicitly on chosen layers. Plain torch.
 
-Fast attention kernels never return probabilities, so on the layers the loss reads an
+Fast attention kernels never return probabilities, so on the layers the attention loss reads an
 ``attn2_replace`` probe computes softmax(Q Kᵀ/√d) itself (mean over heads) and the layer output
-from those probabilities; every other layer keeps ComfyUI's own attention. Plain torch: the
-probes follow ComfyUI's replace-patch signature ``f(q, k, v, extra_options) -> out`` but import
-nothing from it.
-
-Losses (METHOD.md §1):
-    face_mask         mean of A over the background − mean of A over the face (region means, as
-                      FastComposer's localisation loss), the mask resized to each layer's grid
-    reference_prompt  MSE(A_t, A_r): A_t = the placeholder's column with the identity prompt's keys,
-                      A_r = the initialiser's column with the reference prompt's keys, both from the
-                      same query Q of the same pass (A_r detached by default)
+from those probabilities; every other layer keeps ComfyUI's own attention. The probes follow
+ComfyUI's replace-patch signature ``f(q, k, v, extra_options) -> out`` but import nothing from it.
+What the losses make of the records is in ``losses/`` (the method: docs/METHOD.md §1.7).
 """
 
 from __future__ import annotations
@@ -19,17 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..errors import TrainingError
 from ..unet import BlockKey, layer_grid
-
-ATTENTION_MODES = ("face_mask", "reference_prompt", "both", "off")
-MASK_MODES = ("face_mask", "both")
-REFERENCE_MODES = ("reference_prompt", "both")
-
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
@@ -133,8 +121,9 @@ class LayerProbe:
                 reference = reference.detach()
         grid = layer_grid(extra_options["original_shape"][-2:], self.key.downscale)
         if grid[0] * grid[1] != n:
-            raise RuntimeError(f"Cross-attention layer {self.key} has {n} tokens, expected a {grid[0]}x{grid[1]} "
-                               f"grid; the block table does not fit this model.")
+            raise TrainingError(f"Cross-attention layer {self.key} has {n} tokens, expected a {grid[0]}x{grid[1]} "
+                                f"grid: the block table does not fit this model. Train on a plain SD1.5 or SDXL "
+                                f"checkpoint.")
         target = _column(probs, batch.placeholder_positions)
         if probes.collecting:
             probes.records.append(LayerRecord(self.key, grid, target, reference))
@@ -144,46 +133,6 @@ class LayerProbe:
 def masks_on_grid(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """(B, H, W) masks in [0, 1] -> (B, h*w): the share of each grid cell that is face."""
     return F.adaptive_avg_pool2d(masks.unsqueeze(1).float(), grid).flatten(1)
-
-
-def face_mask_loss(records: Sequence[LayerRecord], masks: torch.Tensor) -> torch.Tensor:
-    """mean(A over the background) − mean(A over the face), per photo and layer, averaged.
-
-    The means are over each region (FastComposer's localisation loss), not over the whole map: a
-    whole-map mean of A·background outweighs A·face by the background's larger area, so it falls
-    fastest by silencing the token everywhere rather than by moving its attention onto the face.
-    Region means make attention spread evenly cost nothing; only moving it onto the face pays.
-    """
-    losses = []
-    for record in records:
-        face = masks_on_grid(masks, record.grid).to(record.target.device)
-        background = 1 - face
-        face_mean = (record.target * face).sum(1) / face.sum(1).clamp_min(1e-6)
-        background_mean = (record.target * background).sum(1) / background.sum(1).clamp_min(1e-6)
-        losses.append((background_mean - face_mean).mean())
-    return torch.stack(losses).mean()
-
-
-def reference_loss(records: Sequence[LayerRecord]) -> torch.Tensor:
-    losses = [F.mse_loss(r.target, r.reference) for r in records if r.reference is not None]
-    if not losses:
-        raise RuntimeError("reference_prompt loss: the probes recorded no reference attention.")
-    return torch.stack(losses).mean()
-
-
-def attention_loss(mode: str, records: Sequence[LayerRecord], masks: torch.Tensor | None) -> torch.Tensor:
-    if mode not in ATTENTION_MODES:
-        raise ValueError(f"Unknown attention-loss mode '{mode}'; use one of {', '.join(ATTENTION_MODES)}.")
-    parts = []
-    if mode in MASK_MODES:
-        if masks is None:
-            raise ValueError(f"Attention-loss mode '{mode}' needs face masks.")
-        parts.append(face_mask_loss(records, masks))
-    if mode in REFERENCE_MODES:
-        parts.append(reference_loss(records))
-    if not parts:
-        return torch.zeros(())
-    return torch.stack(parts).sum()
 
 
 def face_share(records: Sequence[LayerRecord], masks: torch.Tensor) -> torch.Tensor:
@@ -203,45 +152,3 @@ def attention_maps(records: Sequence[LayerRecord], size: tuple[int, int]) -> tor
         grid_map = record.target.detach().float().view(-1, 1, *record.grid)
         maps.append(F.interpolate(grid_map, size=size, mode="bilinear", align_corners=False)[:, 0])
     return torch.stack(maps).mean(0)
-
-
-def _heat(values: torch.Tensor) -> torch.Tensor:
-    """[0, 1] -> (..., 3) black-red-yellow-white colours."""
-    v = values.clamp(0, 1).unsqueeze(-1)
-    return torch.cat([(3 * v).clamp(0, 1), (3 * v - 1).clamp(0, 1), (3 * v - 2).clamp(0, 1)], -1)
-
-
-def render_attention_panels(photos: torch.Tensor, before: torch.Tensor, after: torch.Tensor,
-                            share_before: torch.Tensor | None, share_after: torch.Tensor | None,
-                            masks: torch.Tensor | None = None) -> torch.Tensor:
-    """Per photo: the photo | attention before | attention after, as a ComfyUI IMAGE (P, H, 3W, 3).
-
-    Each map is scaled from its own minimum (black) to maximum (white): it shows where the
-    placeholder attends; how much of it is on the face is the share written on it.
-    The face mask's outline is drawn on the photo; the share inside it is written on each map.
-    """
-    from PIL import Image, ImageDraw
-
-    count, height, width = photos.shape[:3]
-    panels = []
-    for index in range(count):
-        maps = torch.stack([before[index], after[index]]).float()
-        maps = F.interpolate(maps.unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False)[:, 0]
-        low, high = maps.amin((1, 2), keepdim=True), maps.amax((1, 2), keepdim=True)
-        maps = (maps - low) / (high - low).clamp_min(1e-12)
-        photo = photos[index].float().cpu()
-        overlays = [0.35 * photo + 0.65 * _heat(m) for m in maps]
-        row = torch.cat([photo, *overlays], dim=1)
-        image = Image.fromarray((row.clamp(0, 1).numpy() * 255).round().astype("uint8"))
-        draw = ImageDraw.Draw(image)
-        if masks is not None:
-            edge = masks[index] > 0.5
-            border = edge & F.max_pool2d((~edge).float()[None, None], 3, 1, 1)[0, 0].bool()
-            ys, xs = torch.nonzero(border, as_tuple=True)
-            for y, x in zip(ys.tolist(), xs.tolist(), strict=True):
-                draw.point((x, y), fill=(0, 255, 0))
-        for column, (label, shares) in enumerate((("before", share_before), ("after", share_after)), start=1):
-            text = label if shares is None else f"{label}: {100 * float(shares[index]):.0f}% on face"
-            draw.text((column * width + 4, 4), text, fill=(255, 255, 255))
-        panels.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0))
-    return torch.stack(panels)

@@ -12,13 +12,13 @@ small although the SD1.5 file is ~2.1 GB in fp16.
 
 from __future__ import annotations
 
-import ast
 import functools
 import hashlib
 import json
 import logging
 import math
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .locate import full_comfyui
 
 log = logging.getLogger(__name__)
 
@@ -240,14 +242,12 @@ def write_random_sd15_checkpoint(path: str | os.PathLike[str], dtype: torch.dtyp
                                  *, comfy_root: Path | None = None, python: str = sys.executable) -> Path:
     """Write a random-weight SD1.5 checkpoint that ``CheckpointLoaderSimple`` loads as SD1.5.
 
-    ``comfy_root`` defaults to the full ComfyUI the e2e tests find (``COMFYUI_PATH`` or an
+    ``comfy_root`` defaults to the full ComfyUI that ``comfy_env`` finds (``COMFYUI_PATH`` or an
     ancestor of the pack). Reuses ``path`` when it already holds this exact file (same key table,
     dtype and seed, recorded in the safetensors metadata, and the right size).
     """
     if comfy_root is None:
-        from .server import find_full_comfyui
-
-        location = find_full_comfyui()
+        location = full_comfyui()
         if location.path is None:
             raise RuntimeError(location.reason)
         comfy_root = location.path
@@ -284,9 +284,28 @@ class LoadReport:
     key_warnings: tuple[str, ...]
 
 
-_KEY_MESSAGES = ("unet missing", "unet unexpected", "Missing VAE keys", "Leftover VAE keys", "clip missing",
-                 "clip unexpected", "left over keys")
-_BENIGN_CLIP_MISSING = {"clip_l.logit_scale", "clip_l.transformer.text_projection.weight"}
+# Key complaints ComfyUI logs while loading a checkpoint (comfy/sd.py, comfy/model_base.py).
+KEY_WARNING_PATTERN = re.compile(
+    r"(unet missing|unet unexpected|Missing VAE keys|Leftover VAE keys|clip missing|clip unexpected"
+    r"|left over keys)\s*[:{]?",
+)
+# ComfyUI filters these itself (no SD1.x checkpoint has them): not a problem of the file.
+BENIGN_MISSING_CLIP_KEYS = frozenset({"clip_l.logit_scale", "clip_l.transformer.text_projection.weight"})
+
+
+def key_warnings(log_text: str) -> list[str]:
+    """Lines reporting missing / unexpected / left-over state-dict keys, benign ones excepted."""
+    found = []
+    for line in log_text.splitlines():
+        match = KEY_WARNING_PATTERN.search(line)
+        if not match:
+            continue
+        if match.group(1) == "clip missing":
+            listed = set(re.findall(r"'([^']+)'", line[match.end():]))
+            if listed and listed <= BENIGN_MISSING_CLIP_KEYS:
+                continue
+        found.append(line.strip())
+    return found
 
 
 def check_checkpoint_loads(path: str | os.PathLike[str], comfy_root: Path, python: str = sys.executable,
@@ -298,16 +317,5 @@ def check_checkpoint_loads(path: str | os.PathLike[str], comfy_root: Path, pytho
     file has and ComfyUI ignores itself.
     """
     answer = _run_comfy_script(_LOAD_CHECK_SCRIPT, comfy_root, [str(Path(path).resolve())], python, timeout)
-    warnings = []
-    for _level, message in answer["records"]:
-        if not message.startswith(_KEY_MESSAGES):
-            continue
-        if message.startswith("clip missing"):
-            try:
-                listed = set(ast.literal_eval(message.split(":", 1)[1].strip()))
-            except (ValueError, SyntaxError):
-                listed = set()
-            if listed and listed <= _BENIGN_CLIP_MISSING:
-                continue
-        warnings.append(message[:2000])
+    warnings = [line[:2000] for _level, message in answer["records"] for line in key_warnings(message)]
     return LoadReport(answer["model_config"], answer["clip"], answer["vae"], tuple(warnings))

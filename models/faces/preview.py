@@ -1,0 +1,36 @@
+"""The Face Embed preview: detected faces drawn on the photo."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .types import DetectedFaces
+
+CHOSEN_COLOUR = (0, 220, 0)
+OTHER_COLOUR = (255, 200, 0)
+NO_FACE_COLOUR = (230, 0, 0)
+# left eye, right eye, nose tip, left and right mouth corner (types.KEYPOINT_NAMES)
+KEYPOINT_COLOURS = ((0, 120, 255), (0, 120, 255), (255, 0, 0), (255, 0, 255), (255, 0, 255))
+
+
+def draw_faces(rgb: np.ndarray, faces: DetectedFaces, chosen: int | None) -> np.ndarray:
+    """The photo with every detected box (chosen face green, others amber, labelled with their index) and
+    the five keypoints where the detector gives them; a red frame where no face was found."""
+    from PIL import Image, ImageDraw
+
+    picture = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(picture)
+    line = max(1, round(max(rgb.shape[:2]) / 256))
+    if len(faces) == 0:
+        draw.rectangle([0, 0, rgb.shape[1] - 1, rgb.shape[0] - 1], outline=NO_FACE_COLOUR, width=2 * line)
+    for index in range(len(faces)):
+        face = faces[index]
+        colour = CHOSEN_COLOUR if index == chosen else OTHER_COLOUR
+        draw.rectangle([float(v) for v in face.box], outline=colour, width=(2 if index == chosen else 1) * line)
+        draw.text((float(face.box[0]) + 2 * line, float(face.box[1]) + line), str(index), fill=colour)
+        if face.keypoints is None:
+            continue
+        radius = 1.5 * line
+        for (x, y), point_colour in zip(face.keypoints, KEYPOINT_COLOURS, strict=True):
+            draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=point_colour)
+    return np.array(picture, dtype=np.uint8)  # a writable copy, for torch.from_numpy

@@ -1,0 +1,260 @@
+"""One training run of IDFuse Train Identity: set-up (photos, masks, prompts, the patched model), the
+training loop under ComfyUI's model management with progress and previews, checkpoints, resume, and
+the output files. The node (nodes/train.py) only gathers its inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+import torch
+from torch import nn
+
+from ...models.errors import NonFiniteLossError, TrainingError
+from ...models.files import atomic_save_safetensors, atomic_write_text, read_safetensors
+from ...models.tokens.format import ENCODERS, IDTokens
+from ...models.tokens.generator import GeneratorConfig, IDTokenGenerator
+from ...models.training.frozen import training_context
+from ...models.training.lora import lora_hooks
+from ...models.training.losses import attention_loss_for
+from ...models.training.photos import prepare_photos, training_variants
+from ...models.training.plots import render_attention_panels, render_loss_curve
+from ...models.training.report import final_losses, training_report
+from ...models.training.settings import TrainingSettings
+from ...models.training.token_trainer import Host, IdentityTrainer, PromptTable, TrainingData
+from ...models.unet import FAMILY_NAMES
+from .lora_files import load_adapters, lora_layers, model_with_lora, new_adapters, save_lora
+from .model_info import clip_family, model_family
+from .training_files import (
+    TRAINER_FORMAT,
+    OutputFiles,
+    check_resumable,
+    resume_source,
+)
+from .training_masks import face_masks
+from .training_models import (
+    Denoiser,
+    SplicingTextEncoder,
+    model_extra_conds,
+    patched_clone,
+    training_precision,
+)
+
+log = logging.getLogger("idfuse.nodes")
+
+class TrainingRun:
+    """One execution of the node: set up, train, save, and build the outputs."""
+
+    def __init__(self, model, clip, vae, settings: TrainingSettings, save_name: str, resume_from: str):
+        if clip is None or vae is None:
+            raise TrainingError("IDFuse Train Identity needs the checkpoint's CLIP and VAE; connect both.")
+        self.files = OutputFiles(save_name)  # a save_name that cannot be written fails before any work
+        self.family = model_family(model)
+        clip_kind = clip_family(clip.tokenize(settings.placeholder))
+        if clip_kind != self.family:
+            raise TrainingError(f"The CLIP is {FAMILY_NAMES[clip_kind]}'s but the model is "
+                                f"{FAMILY_NAMES[self.family]}; connect the CLIP of the same checkpoint.")
+        if model.model.model_config.unet_config.get("in_channels", 4) != 4:
+            raise TrainingError("This model takes extra input channels (inpainting?); train on a plain SD1.5 or "
+                                "SDXL checkpoint.")
+        self.model, self.clip, self.vae, self.settings = model, clip, vae, settings
+        self.resume_path, self.resume_tokens = resume_source(resume_from)
+        self.files.check_free(self.resume_path, settings.lora_rank > 0)
+        self.training_meta: dict = {}
+
+    # -- set-up --
+
+    def _data(self, images, masks, face_analysis) -> tuple[torch.Tensor, TrainingData, torch.Tensor | None]:
+        s = self.settings
+        if masks is None:  # found on the photos as given: faces are easier to see before shrinking
+            masks = face_masks(images, face_analysis, attention_loss_for(s.attention_mode).needs_masks,
+                               for_trainer=True)
+        photos, photo_masks = prepare_photos(images, masks, s.resolution)
+        pixels, variant_masks, originals = training_variants(photos, photo_masks, s.augmentation, s.seed)
+        # No graph through the VAE (its weights get no gradients); ComfyUI's VAE samples its posterior,
+        # so the draw is seeded (without touching the global random state) to make runs repeatable.
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.manual_seed(s.seed)
+            latents = self.model.model.process_latent_in(self.vae.encode(pixels).float()).detach().cpu()
+        latent_hw = tuple(latents.shape[-2:])
+        loss_masks = None
+        if variant_masks is not None:
+            loss_masks = torch.nn.functional.interpolate(variant_masks.unsqueeze(1), size=latent_hw, mode="area")[:, 0]
+        self.training_meta["photos_sha256"] = hashlib.sha256(photos.numpy().tobytes()).hexdigest()[:16]
+        return photos, TrainingData(latents, loss_masks, originals), photo_masks
+
+    def _generator(self, text: SplicingTextEncoder) -> IDTokenGenerator:
+        s = self.settings
+        config = GeneratorConfig(num_stages=s.num_stages, encoders=dict(ENCODERS[self.family]),
+                                 width=s.generator_width)
+        if self.resume_tokens is None:
+            return IDTokenGenerator(config, text.initializer_embeddings(), seed=s.seed)
+        training = check_resumable(self.resume_tokens, s, self.family)
+        config = GeneratorConfig.from_dict(training["generator"])
+        stored = self.resume_tokens.generator
+        generator = IDTokenGenerator(config, {n: stored[f"initializer.{n}"] for n in config.encoders}, seed=s.seed)
+        generator.load_state_dict(stored)
+        return generator
+
+    def _adapters(self) -> tuple[dict, nn.ModuleDict | None]:
+        s = self.settings
+        if s.lora_rank == 0:
+            return {}, None
+        layers = lora_layers(self.model, self.family, s.lora_targets)
+        if self.resume_tokens is not None:
+            lora_file = self.resume_tokens.training.get("lora_file")
+            path = lora_file and folder_paths.get_full_path("loras", lora_file)
+            if not path:
+                raise TrainingError(f"resume_from {self.resume_tokens.source} trained a LoRA '{lora_file}' that is not "
+                                    f"in models/loras; put it back, or start a new run.")
+            return layers, load_adapters(path, layers, s.lora_rank)
+        return layers, new_adapters(layers, s.lora_rank, s.seed)
+
+    def _prompts(self, text: SplicingTextEncoder, patched, latent_hw, device) -> tuple[PromptTable, list[dict]]:
+        contexts, extra_conds = [], []
+        pixel_size = (latent_hw[0] * 8, latent_hw[1] * 8)
+        for template in range(len(self.settings.templates)):
+            cond, pooled = text.encode_reference(template)
+            contexts.append(cond)
+            extra_conds.append(model_extra_conds(patched, pooled, pixel_size, device))
+        reference = attention_loss_for(self.settings.attention_mode).needs_reference
+        table = PromptTable(text.placeholder_positions,
+                            torch.cat(contexts) if reference else None,
+                            text.reference_positions if reference else None)
+        return table, extra_conds
+
+    # -- saving --
+
+    def current_tokens(self, trainer: IdentityTrainer) -> IDTokens:
+        with torch.no_grad():
+            keys, values = trainer.generator()
+        meta = dict(self.training_meta, format=TRAINER_FORMAT, version=1, model_family=self.family,
+                    settings=self.settings.to_dict(), generator=trainer.generator.config.to_dict(),
+                    steps_done=trainer.step, lora_file=self.files.lora.name if trainer.adapters is not None else None)
+        final = final_losses(trainer.history.steps)
+        if final is not None:
+            meta["final_losses"] = final
+        generator_state = {k: v.detach().float().cpu() for k, v in trainer.generator.state_dict().items()}
+        return IDTokens(family=self.family, placeholder=self.settings.placeholder,
+                        initializer=self.settings.initializer,
+                        keys={n: v.detach().float().cpu() for n, v in keys.items()},
+                        values={n: v.detach().float().cpu() for n, v in values.items()},
+                        generator=generator_state, training=meta, source=self.files.tokens.name)
+
+    def save_checkpoint(self, trainer: IdentityTrainer) -> list[Path]:
+        """Tokens, LoRA and training state of the current step; each file written atomically."""
+        tokens = self.current_tokens(trainer)
+        written = [tokens.save(self.files.tokens)]
+        if trainer.adapters is not None:
+            save_lora(self.model, trainer.adapters, self.lora_layers, self.files.lora,
+                      {"format": "idfuse.lora", "idfuse_identity": tokens.source, "steps_done": str(trainer.step)})
+            written.append(self.files.lora)
+        state, metadata = trainer.state_tensors()
+        written.append(atomic_save_safetensors(state, self.files.state, metadata))
+        log.info("Training checkpoint at step %d saved to %s", trainer.step, ", ".join(str(p) for p in written))
+        return written
+
+    # -- the run --
+
+    def run(self, images, masks, face_analysis):
+        started = time.monotonic()
+        s = self.settings
+        photos, data, photo_masks = self._data(images, masks, face_analysis)
+        text = SplicingTextEncoder(self.clip, self.family, s)
+        patched, probes = patched_clone(self.model, self.family, s)
+        layers, adapters = self._adapters()
+        self.lora_layers = layers
+        device = patched.load_device
+        precision = training_precision(s.training_dtype, patched, device)
+        comfy.model_management.load_models_gpu([patched, self.clip.patcher], force_full_load=True)
+        generator = self._generator(text).to(device)
+        if adapters is not None:
+            adapters.to(device)
+        share_masks = None
+        if photo_masks is not None:
+            share_masks = torch.nn.functional.interpolate(photo_masks.unsqueeze(1), size=data.latents.shape[-2:],
+                                                          mode="area")[:, 0]
+        with ExitStack() as stack:
+            stack.enter_context(training_context(unet=patched.model.diffusion_model,
+                                                 text_encoders=self.clip.cond_stage_model,
+                                                 checkpointing=s.gradient_checkpointing))
+            stack.enter_context(text.hooks())
+            if adapters is not None:
+                stack.enter_context(lora_hooks({k: layer for k, (_p, layer) in layers.items()}, adapters))
+            prompts, extra_conds = self._prompts(text, patched, data.latents.shape[-2:], device)
+            host = Host(encode=text.encode, denoise=Denoiser(patched, extra_conds),
+                        model_sampling=patched.get_model_object("model_sampling"), device=device,
+                        check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
+                        autocast_dtype=precision.autocast, loss_scaling=precision.loss_scaling)
+            trainer = IdentityTrainer(s, host, data, prompts, probes, generator, adapters)
+            first_step = self._resume_state(trainer)
+            before = trainer.evaluate(share_masks)
+            self._train(trainer)
+            after = trainer.evaluate(share_masks)
+        written = self.save_checkpoint(trainer)
+        report = training_report(
+            identity=self.files.tokens.name, model_family=self.family, settings=s, trainer=trainer,
+            first_step=first_step, resumed_from=None if self.resume_tokens is None else self.resume_tokens.source,
+            before=before, after=after, files=written, seconds=time.monotonic() - started)
+        written.append(atomic_write_text(self.files.report, json.dumps(report, indent=2)))
+        out_model = self.model
+        if adapters is not None:
+            out_model = model_with_lora(self.model, adapters, layers)
+        tokens = self.current_tokens(trainer)
+        comfy.model_management.soft_empty_cache()
+        return (tokens, out_model, "\n".join(str(p) for p in written), render_loss_curve(trainer.history),
+                render_attention_panels(photos, before.maps, after.maps, before.share, after.share, photo_masks),
+                json.dumps(report, indent=2))
+
+    def _resume_state(self, trainer: IdentityTrainer) -> int:
+        if self.resume_path is None:
+            return 0
+        state_path = Path(self.resume_path).with_suffix(".trainstate")
+        if state_path.is_file():
+            tensors, metadata = read_safetensors(state_path, TrainingError, "Training state")
+            trainer.load_state_tensors(tensors, metadata)
+        else:
+            trainer.step = int(self.resume_tokens.training.get("steps_done", 0))
+            log.warning("%s has no training state beside it; the optimiser restarts at step %d, so "
+                        "the run will not repeat an uninterrupted one exactly.", state_path.name, trainer.step)
+        previous = self.resume_tokens.training.get("photos_sha256")
+        if previous and previous != self.training_meta.get("photos_sha256"):
+            log.warning("The photos differ from those of the run being resumed.")
+        log.info("Resuming training of %s at step %d", self.resume_tokens.source, trainer.step)
+        return trainer.step
+
+    def _train(self, trainer: IdentityTrainer) -> None:
+        s = self.settings
+        progress = comfy.utils.ProgressBar(s.steps)
+        progress.update_absolute(trainer.step, s.steps)
+
+        def on_step(losses) -> None:
+            preview = render_loss_curve(trainer.history, size=(384, 192), as_pil=True)
+            if s.checkpoint_every and losses.step % s.checkpoint_every == 0 and losses.step < s.steps:
+                self.save_checkpoint(trainer)
+            progress.update_absolute(losses.step, s.steps, ("JPEG", preview, 512))
+
+        try:
+            trainer.run(on_step)
+        except comfy.model_management.InterruptProcessingException:
+            if trainer.parameters_finite():
+                self.save_checkpoint(trainer)
+                log.info("Training stopped at step %d; resume from %s to continue.", trainer.step,
+                         self.files.tokens.name)
+            raise
+        except NonFiniteLossError as e:
+            if trainer.parameters_finite() and trainer.step > 0:
+                self.save_checkpoint(trainer)
+                kept = f"The last good state (step {trainer.step}) is saved in {self.files.tokens}."
+            elif self.files.tokens.exists():
+                kept = f"The last checkpoint in {self.files.tokens} is kept."
+            else:
+                kept = "Nothing was saved."
+            raise TrainingError(f"{e} {kept}") from e
