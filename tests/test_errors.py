@@ -20,6 +20,7 @@ import torch
 from factories import make_clip, make_id_tokens, make_model, random_stage_contexts, tiny_vae
 from ip_adapter_files import FITS_TEST_UNETS, write_faceid
 from safetensors.torch import save_file
+from source_scan import PACK_ROOT, SOURCES, dotted, relative
 from trainer_inputs import SIZE, settings
 
 import comfyui_idfuse
@@ -39,9 +40,6 @@ from comfyui_idfuse.nodes.infinite_id import IDFuseInfiniteIDGuider, IDFuseInfin
 from comfyui_idfuse.nodes.tokens import STAGE_CONTEXTS, IDFuseApplyIDTokens, IDFuseEncodeWithID, IDFuseLoadIDTokens
 from comfyui_idfuse.nodes.train import IDFuseTrainIdentity
 
-PACK_ROOT = Path(comfyui_idfuse.__file__).resolve().parent
-SOURCES = sorted(p for folder in ("models", "nodes") for p in (PACK_ROOT / folder).rglob("*.py"))
-
 # Raises whose class is not an IDFuseError subclass, on purpose: (file pattern, raised name) -> why.
 # Keep it short. The node layer (nodes/) may not raise built-in errors even if listed here.
 ALLOWED: dict[tuple[str, str], str] = {
@@ -57,9 +55,6 @@ def allowed(where: str, name: str) -> bool:
 TRAINING_MODULES = re.compile(r"^(models/training/.*|nodes/train\.py|nodes/glue/(training_\w+|lora_files)\.py)$")
 
 
-def relative(path: Path, root: Path = PACK_ROOT) -> str:
-    return path.relative_to(root).as_posix()
-
 
 def module_of(path: Path) -> ModuleType:
     parts = path.relative_to(PACK_ROOT).with_suffix("").parts
@@ -67,14 +62,6 @@ def module_of(path: Path) -> ModuleType:
         parts = parts[:-1]
     return importlib.import_module(".".join((comfyui_idfuse.__name__, *parts)))
 
-
-def dotted(node: ast.expr) -> str:
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        base = dotted(node.value)
-        return f"{base}.{node.attr}" if base else ""
-    return ""
 
 
 def resolve(name: str, module: ModuleType):

@@ -10,11 +10,8 @@ import re
 from pathlib import Path
 
 import pytest
+from source_scan import PACK_ROOT, SOURCES, dotted, parsed, relative
 
-import comfyui_idfuse
-
-PACK_ROOT = Path(comfyui_idfuse.__file__).resolve().parent
-SOURCES = sorted(p for folder in ("models", "nodes") for p in (PACK_ROOT / folder).rglob("*.py"))
 ROOT = "idfuse"
 # The children of the root: one per package of models/, and the node layer.
 CHILDREN = {"tokens", "encoders", "faces", "training", "infinite_id", "nodes"}
@@ -23,22 +20,7 @@ LOG_METHODS = {"debug", "info", "warning", "warn", "error", "exception", "critic
 HAND_TYPED_PREFIX = re.compile(r"^\s*(\[?IDFuse\b|\[[\w .-]+\])", re.IGNORECASE)
 
 
-def relative(path: Path, root: Path = PACK_ROOT) -> str:
-    return path.relative_to(root).as_posix()
 
-
-def parsed(path: Path) -> ast.Module:
-    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-
-
-def dotted(node: ast.expr) -> str:
-    """'logging.getLogger' for the expression logging.getLogger; '' for anything but names and attributes."""
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        base = dotted(node.value)
-        return f"{base}.{node.attr}" if base else ""
-    return ""
 
 
 def is_get_logger(call: ast.Call) -> bool:
