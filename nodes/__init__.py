@@ -3,9 +3,14 @@ Their ComfyUI helpers (folders, model inspection, patching, files) are in ``node
 
 from . import encoders, faces, infinite_id, tokens, train
 from .glue.folders import register_model_folders
+from .glue.inputs import guard_numeric_inputs
 
 register_model_folders()
 
 _MODULES = (tokens, train, faces, encoders, infinite_id)
 NODE_CLASS_MAPPINGS = {name: cls for m in _MODULES for name, cls in m.NODE_CLASS_MAPPINGS.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {name: title for m in _MODULES for name, title in m.NODE_DISPLAY_NAME_MAPPINGS.items()}
+
+# Every node checks its FLOAT/INT inputs (finite, inside min/max) before it runs.
+for _name, _node_class in NODE_CLASS_MAPPINGS.items():
+    guard_numeric_inputs(_node_class, NODE_DISPLAY_NAME_MAPPINGS[_name])

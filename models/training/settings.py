@@ -34,7 +34,7 @@ class TrainingSettings:
     num_stages: int = _ranged(5, 1, 20)
     steps: int = _ranged(600, 1, 100000)
     learning_rate: float = _ranged(1e-4, 1e-7, 1.0, 1e-5)
-    attention_weight: float = _ranged(0.003, 0.0, 100.0, 0.001)
+    attention_weight: float = _ranged(0.003, 0.0, 1000.0, 0.001)
     attention_mode: str = "face_mask"
     loss_downscales: tuple[int, ...] | None = (2, 4)  # None: every cross-attention layer
     lora_rank: int = _ranged(0, 0, 256)
