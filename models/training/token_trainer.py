@@ -227,6 +227,10 @@ class IdentityTrainer:
             self.probes.end()
         learning_rate = self.optimizer.param_groups[0]["lr"]
         summed = {"diffusion": diffusion_sum, "attention": attention_sum}
+        # Until here nothing trained has changed, so an interrupt (raised from any layer's forward in
+        # newer ComfyUI) leaves the state of the previous step. From the optimiser step to the end only
+        # plain torch runs (no layer forward, no interrupt check): parameters of this step are never
+        # seen with the counter of the previous one.
         optimizer_step(self.optimizer, self.parameters(), step, summed, self.scaler)
         if self.scheduler is not None:
             self.scheduler.step()

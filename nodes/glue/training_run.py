@@ -26,9 +26,10 @@ from ...models.training.lora import lora_hooks
 from ...models.training.losses import attention_loss_for
 from ...models.training.photos import prepare_photos, training_variants
 from ...models.training.plots import render_attention_panels, render_loss_curve
+from ...models.training.probes import masks_on_grid
 from ...models.training.report import final_losses, training_report
 from ...models.training.settings import TrainingSettings
-from ...models.training.token_trainer import Host, IdentityTrainer, PromptTable, TrainingData
+from ...models.training.token_trainer import Evaluation, Host, IdentityTrainer, PromptTable, TrainingData
 from ...models.unet import FAMILY_NAMES
 from .lora_files import load_adapters, lora_layers, model_with_lora, new_adapters, save_lora
 from .model_info import clip_family, model_family
@@ -49,6 +50,11 @@ from .training_models import (
 
 log = logging.getLogger("idfuse.nodes")
 
+# The parts of a run, in order, as the report of an interrupted run names them ("stopped": {"phase": ...}).
+PHASES = ("encoding photos", "encoding prompts", "evaluation before training", "training", "checkpoint save",
+          "final save", "evaluation after training")
+
+
 class TrainingRun:
     """One execution of the node: set up, train, save, and build the outputs."""
 
@@ -68,6 +74,7 @@ class TrainingRun:
         self.resume_path, self.resume_tokens = resume_source(resume_from)
         self.files.check_free(self.resume_path, settings.lora_rank > 0)
         self.training_meta: dict = {}
+        self.phase = PHASES[0]  # what the run is doing, for the report if the user interrupts it
 
     # -- set-up --
 
@@ -86,7 +93,7 @@ class TrainingRun:
         latent_hw = tuple(latents.shape[-2:])
         loss_masks = None
         if variant_masks is not None:
-            loss_masks = torch.nn.functional.interpolate(variant_masks.unsqueeze(1), size=latent_hw, mode="area")[:, 0]
+            loss_masks = masks_on_grid(variant_masks, latent_hw).view(-1, *latent_hw)
         self.training_meta["photos_sha256"] = hashlib.sha256(photos.numpy().tobytes()).hexdigest()[:16]
         return photos, TrainingData(latents, loss_masks, originals), photo_masks
 
@@ -166,43 +173,50 @@ class TrainingRun:
     def run(self, images, masks, face_analysis):
         started = time.monotonic()
         s = self.settings
-        photos, data, photo_masks = self._data(images, masks, face_analysis)
-        text = SplicingTextEncoder(self.clip, self.family, s)
-        patched, probes = patched_clone(self.model, self.family, s)
-        layers, adapters = self._adapters()
-        self.lora_layers = layers
-        device = patched.load_device
-        precision = training_precision(s.training_dtype, patched, device)
-        comfy.model_management.load_models_gpu([patched, self.clip.patcher], force_full_load=True)
-        generator = self._generator(text).to(device)
-        if adapters is not None:
-            adapters.to(device)
-        share_masks = None
-        if photo_masks is not None:
-            share_masks = torch.nn.functional.interpolate(photo_masks.unsqueeze(1), size=data.latents.shape[-2:],
-                                                          mode="area")[:, 0]
-        with ExitStack() as stack:
-            stack.enter_context(training_context(unet=patched.model.diffusion_model,
-                                                 text_encoders=self.clip.cond_stage_model,
-                                                 checkpointing=s.gradient_checkpointing))
-            stack.enter_context(text.hooks())
+        trainer, before, first_step = None, None, 0
+        try:
+            self.phase = "encoding photos"
+            photos, data, photo_masks = self._data(images, masks, face_analysis)
+            self.phase = "encoding prompts"
+            text = SplicingTextEncoder(self.clip, self.family, s)
+            patched, probes = patched_clone(self.model, self.family, s)
+            layers, adapters = self._adapters()
+            self.lora_layers = layers
+            device = patched.load_device
+            precision = training_precision(s.training_dtype, patched, device)
+            comfy.model_management.load_models_gpu([patched, self.clip.patcher], force_full_load=True)
+            generator = self._generator(text).to(device)
             if adapters is not None:
-                stack.enter_context(lora_hooks({k: layer for k, (_p, layer) in layers.items()}, adapters))
-            prompts, extra_conds = self._prompts(text, patched, data.latents.shape[-2:], device)
-            host = Host(encode=text.encode, denoise=Denoiser(patched, extra_conds),
-                        model_sampling=patched.get_model_object("model_sampling"), device=device,
-                        check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
-                        autocast_dtype=precision.autocast, loss_scaling=precision.loss_scaling)
-            trainer = IdentityTrainer(s, host, data, prompts, probes, generator, adapters)
-            first_step = self._resume_state(trainer)
-            before = trainer.evaluate(share_masks)
-            self._train(trainer)
-            after = trainer.evaluate(share_masks)
-        written = self.save_checkpoint(trainer)
-        report = training_report(
-            identity=self.files.tokens.name, model_family=self.family, settings=s, trainer=trainer,
-            first_step=first_step, resumed_from=None if self.resume_tokens is None else self.resume_tokens.source,
-            before=before, after=after, files=written, seconds=time.monotonic() - started)
+                adapters.to(device)
+            share_masks = None
+            if photo_masks is not None:
+                share_masks = masks_on_grid(photo_masks, data.latents.shape[-2:]).view(-1, *data.latents.shape[-2:])
+            with ExitStack() as stack:
+                stack.enter_context(training_context(unet=patched.model.diffusion_model,
+                                                     text_encoders=self.clip.cond_stage_model,
+                                                     checkpointing=s.gradient_checkpointing))
+                stack.enter_context(text.hooks())
+                if adapters is not None:
+                    stack.enter_context(lora_hooks({k: layer for k, (_p, layer) in layers.items()}, adapters))
+                prompts, extra_conds = self._prompts(text, patched, data.latents.shape[-2:], device)
+                host = Host(encode=text.encode, denoise=Denoiser(patched, extra_conds),
+                            model_sampling=patched.get_model_object("model_sampling"), device=device,
+                            check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
+                            autocast_dtype=precision.autocast, loss_scaling=precision.loss_scaling)
+                trainer = IdentityTrainer(s, host, data, prompts, probes, generator, adapters)
+                first_step = self._resume_state(trainer)
+                self.phase = "evaluation before training"
+                before = trainer.evaluate(share_masks)
+                self._train(trainer)
+                # Saved before the evaluation after training, so an interrupt there keeps the last step.
+                self.phase = "final save"
+                written = self.save_checkpoint(trainer)
+                self.phase = "evaluation after training"
+                after = trainer.evaluate(share_masks)
+        except comfy.model_management.InterruptProcessingException:
+            self._stopped(trainer, first_step, before, time.monotonic() - started)
+            raise
+        report = self._report(trainer, first_step, before, after, written, time.monotonic() - started)
         written.append(atomic_write_text(self.files.report, json.dumps(report, indent=2)))
         out_model = self.model
         if adapters is not None:
@@ -212,6 +226,33 @@ class TrainingRun:
         return (tokens, out_model, "\n".join(str(p) for p in written), render_loss_curve(trainer.history),
                 render_attention_panels(photos, before.maps, after.maps, before.share, after.share, photo_masks),
                 json.dumps(report, indent=2))
+
+    def _report(self, trainer: IdentityTrainer, first_step: int, before: Evaluation | None,
+                after: Evaluation | None, written: list[Path], seconds: float) -> dict:
+        return training_report(
+            identity=self.files.tokens.name, model_family=self.family, settings=self.settings, trainer=trainer,
+            first_step=first_step, resumed_from=None if self.resume_tokens is None else self.resume_tokens.source,
+            before=before, after=after, files=written, seconds=seconds)
+
+    def _stopped(self, trainer: IdentityTrainer | None, first_step: int, before: Evaluation | None,
+                 seconds: float) -> None:
+        """The user interrupted: keep one consistent set of files of the last completed step (all written
+        again, so a save the interrupt cut short is whole), with a report naming the phase. A run that
+        completed no step of its own writes nothing: a new save_name stays free, resumed files stay as
+        they were."""
+        if trainer is None or trainer.step == first_step:
+            log.info("Stopped while %s; no step of this run completed, no file written.", self.phase)
+            return
+        if not trainer.parameters_finite():
+            log.warning("Stopped while %s at step %d; the trained parameters are not finite, no file written.",
+                        self.phase, trainer.step)
+            return
+        written = self.save_checkpoint(trainer)
+        report = self._report(trainer, first_step, before, None, written, seconds)
+        report["stopped"] = {"phase": self.phase, "steps_done": trainer.step}
+        written.append(atomic_write_text(self.files.report, json.dumps(report, indent=2)))
+        log.info("Stopped while %s at step %d; saved %s. Resume from %s to continue.", self.phase, trainer.step,
+                 ", ".join(str(p) for p in written), self.files.tokens.name)
 
     def _resume_state(self, trainer: IdentityTrainer) -> int:
         if self.resume_path is None:
@@ -232,23 +273,21 @@ class TrainingRun:
 
     def _train(self, trainer: IdentityTrainer) -> None:
         s = self.settings
+        self.phase = "training"
         progress = comfy.utils.ProgressBar(s.steps)
         progress.update_absolute(trainer.step, s.steps)
 
         def on_step(losses) -> None:
             preview = render_loss_curve(trainer.history, size=(384, 192), as_pil=True)
             if s.checkpoint_every and losses.step % s.checkpoint_every == 0 and losses.step < s.steps:
+                self.phase = "checkpoint save"
                 self.save_checkpoint(trainer)
+                self.phase = "training"
             progress.update_absolute(losses.step, s.steps, ("JPEG", preview, 512))
 
+        # An interrupt is handled by run() (it keeps the last completed step whatever the phase).
         try:
             trainer.run(on_step)
-        except comfy.model_management.InterruptProcessingException:
-            if trainer.parameters_finite():
-                self.save_checkpoint(trainer)
-                log.info("Training stopped at step %d; resume from %s to continue.", trainer.step,
-                         self.files.tokens.name)
-            raise
         except NonFiniteLossError as e:
             if trainer.parameters_finite() and trainer.step > 0:
                 self.save_checkpoint(trainer)

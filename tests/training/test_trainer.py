@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from factories import make_clip, make_model, tiny_vae
+from interrupts import Interruption, interrupt_at
 from trainer_inputs import SIZE, settings, widget_defaults
 
 import comfyui_idfuse
@@ -77,21 +78,16 @@ def train(parts, save_name: str, masks="default", **changes):
                                            masks=masks, **kwargs)
 
 
-def train_interrupted(parts, save_name: str, at_step: int, monkeypatch, **changes) -> None:
-    """Train until the user cancels at the start of step ``at_step`` (ComfyUI's interrupt check)."""
+def train_interrupted(parts, save_name: str, phase: str, step: int | None = None, call: int = 1,
+                      layer: str | None = None, **changes) -> Interruption:
+    """Train until ComfyUI's interrupt arrives at ``phase`` (tests/support/interrupts.py); where it fired."""
     import comfy.model_management
 
-    checks = {"count": 0}
-
-    def interrupt():
-        checks["count"] += 1
-        if checks["count"] == at_step:
-            raise comfy.model_management.InterruptProcessingException()
-
-    monkeypatch.setattr(comfy.model_management, "throw_exception_if_processing_interrupted", interrupt)
-    with pytest.raises(comfy.model_management.InterruptProcessingException):
-        train(parts, save_name, **changes)
-    monkeypatch.undo()
+    with interrupt_at(phase, model=parts["model"], vae=parts["vae"], step=step, call=call, layer=layer,
+                      total_steps=changes.get("steps")) as interrupt:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            train(parts, save_name, **changes)
+    return interrupt.assert_fired()
 
 
 def _leftover_hooks(root: torch.nn.Module) -> list[str]:
@@ -428,30 +424,108 @@ def test_reference_prompt_uses_the_same_query_for_both_maps(parts, monkeypatch):
         assert q_target is q_reference and k_target is not k_reference
 
 
-def test_interrupt_leaves_loadable_files_and_resume_reaches_the_same_state(parts, monkeypatch):
-    import comfy.model_management
+MIDDLE_TO_K = "middle_block.1.transformer_blocks.0.attn2.to_k"  # a cross-attention K projection (LoRA target)
+
+
+@pytest.mark.parametrize("where", [dict(phase="between_steps", step=3),
+                                   dict(phase="step", step=4, layer=MIDDLE_TO_K, call=1)],
+                         ids=["between_steps", "inside_a_layer_mid_step"])
+def test_interrupt_leaves_loadable_files_and_resume_reaches_the_same_state(parts, where):
+    """Both interrupts leave 3 steps: after step 3 is reported, and inside a layer's forward in step 4
+    (where ComfyUI 0.8's per-layer check raises)."""
     import comfy.sd
     import comfy.utils
 
     common = {"steps": 5, "lora_rank": 2, "attention_mode": "face_mask", "checkpoint_every": 2}
-    full_tokens = train(parts, "uninterrupted", **common)[0]
-    full_lora = comfy.utils.load_torch_file(str(Path(tiny_lora_dir()) / "uninterrupted.safetensors"))
+    full_name, save_name = f"uninterrupted_{where['phase']}", f"interrupted_{where['phase']}"
+    full_tokens = train(parts, full_name, **common)[0]
+    full_lora = comfy.utils.load_torch_file(str(Path(tiny_lora_dir()) / f"{full_name}.safetensors"))
 
-    train_interrupted(parts, "interrupted", 4, monkeypatch, **common)
+    train_interrupted(parts, save_name, **where, **common)
 
-    stopped = load_id_tokens(Path(tiny_tokens_dir()) / "interrupted.safetensors")
+    stopped = load_id_tokens(Path(tiny_tokens_dir()) / f"{save_name}.safetensors")
     assert stopped.training["steps_done"] == 3
-    lora = comfy.utils.load_torch_file(str(Path(tiny_lora_dir()) / "interrupted.safetensors"))
+    assert _report_file(save_name)["stopped"] == {"phase": "training", "steps_done": 3}
+    lora = comfy.utils.load_torch_file(str(Path(tiny_lora_dir()) / f"{save_name}.safetensors"))
     comfy.sd.load_lora_for_models(parts["model"], None, lora, 1.0, 0.0)  # loads
 
-    resumed = train(parts, "interrupted", resume_from="interrupted.safetensors", **common)
+    resumed = train(parts, save_name, resume_from=f"{save_name}.safetensors", **common)
     assert _report(resumed)["steps_this_run"] == 2
+    assert "stopped" not in _report(resumed)
     for name in full_tokens.keys:
         torch.testing.assert_close(resumed[0].keys[name], full_tokens.keys[name], rtol=0, atol=1e-6)
         torch.testing.assert_close(resumed[0].values[name], full_tokens.values[name], rtol=0, atol=1e-6)
-    resumed_lora = comfy.utils.load_torch_file(str(Path(tiny_lora_dir()) / "interrupted.safetensors"))
+    resumed_lora = comfy.utils.load_torch_file(str(Path(tiny_lora_dir()) / f"{save_name}.safetensors"))
     for key, value in full_lora.items():
         torch.testing.assert_close(resumed_lora[key], value, rtol=0, atol=1e-6)
+
+
+def _report_file(save_name: str) -> dict:
+    return json.loads((Path(tiny_tokens_dir()) / f"{save_name}.report.json").read_text())
+
+
+def _run_files(save_name: str) -> list[Path]:
+    """Tokens, LoRA, training state and report of a save_name."""
+    tokens, lora = Path(tiny_tokens_dir()), Path(tiny_lora_dir())
+    return [tokens / f"{save_name}.safetensors", lora / f"{save_name}.safetensors",
+            tokens / f"{save_name}.trainstate", tokens / f"{save_name}.report.json"]
+
+
+def _saved_steps(save_name: str) -> tuple[int | None, int | None, int | None]:
+    """steps_done of the token file, the LoRA (its metadata) and the training state; None where absent."""
+    from safetensors import safe_open
+
+    tokens, lora, state, _report_path = _run_files(save_name)
+
+    def metadata(path: Path, key: str) -> int | None:
+        if not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt") as f:
+            return int(f.metadata()[key])
+
+    return (int(load_id_tokens(tokens).training["steps_done"]) if tokens.is_file() else None,
+            metadata(lora, "steps_done"), metadata(state, "step"))
+
+
+@pytest.mark.parametrize("phase, step, call, steps_kept, stopped", [
+    ("encode_photos", None, 5, None, None),
+    ("evaluate_before", None, 10, None, None),
+    ("step", 3, 40, 2, "training"),
+    ("save", 2, 2, 2, "checkpoint save"),  # the LoRA write of the step-2 checkpoint
+    ("save", 5, 2, 5, "final save"),  # the LoRA write of the final save
+    ("evaluate_after", None, 10, 5, "evaluation after training"),
+])
+def test_interrupt_in_any_phase_keeps_the_last_good_state(parts, phase, step, call, steps_kept, stopped):
+    """Whatever the run is doing, an interrupt leaves one set of files of the last completed step with a
+    report naming the phase, or (no step completed) no file at all."""
+    name = f"cut_{phase}_{step}"
+    fired = train_interrupted(parts, name, phase, step=step, call=call, steps=5, lora_rank=2,
+                              attention_mode="face_mask", checkpoint_every=2)
+    assert fired.phase == phase
+    if steps_kept is None:
+        assert _saved_steps(name) == (None, None, None)
+        assert not any(path.exists() for path in _run_files(name))
+        train(parts, name, steps=1, lora_rank=0, attention_mode="off")  # the save_name is still free
+    else:
+        assert _saved_steps(name) == (steps_kept,) * 3
+        report = _report_file(name)
+        assert report["stopped"] == {"phase": stopped, "steps_done": steps_kept}
+        assert report["steps_done"] == steps_kept
+        assert report["face_attention_share"]["after"] is None
+        assert report["evaluation_diffusion_loss"]["after"] is None
+        assert report["face_attention_share"]["before"] is not None
+
+
+def test_interrupting_a_resumed_run_before_its_first_step_leaves_its_files_as_they_were(parts):
+    common = {"lora_rank": 2, "attention_mode": "face_mask"}
+    train(parts, "resumed_cut", steps=2, **common)
+    before = {path: path.read_bytes() for path in _run_files("resumed_cut")}
+    assert len(before) == 4
+
+    train_interrupted(parts, "resumed_cut", "evaluate_before", call=10, steps=4,
+                      resume_from="resumed_cut.safetensors", **common)
+
+    assert {path: path.read_bytes() for path in _run_files("resumed_cut")} == before
 
 
 def tiny_tokens_dir() -> str:
@@ -703,7 +777,7 @@ def test_a_float16_model_trains_with_loss_scaling(tokenizer_dir):
     assert all(bool(torch.isfinite(v).all()) for v in outputs[0].keys.values())
 
 
-def test_float16_resume_restores_the_loss_scale(parts, monkeypatch):
+def test_float16_resume_restores_the_loss_scale(parts):
     """λ = 300 overflows float16 in the first steps, so the scale drops; a resumed run must start from
     the saved scale (not 2**16 again, which would skip steps the uninterrupted run took)."""
 
@@ -711,7 +785,7 @@ def test_float16_resume_restores_the_loss_scale(parts, monkeypatch):
               "checkpoint_every": 1}
     full = train(parts, "fp16_full", **common)[0]
     full_scaler = _loss_scaler_state("fp16_full")
-    train_interrupted(parts, "fp16_cut", 3, monkeypatch, **common)
+    train_interrupted(parts, "fp16_cut", "between_steps", step=2, **common)
     assert _loss_scaler_state("fp16_cut")["scale"] < 2.0 ** 16  # the overflow this test is about happened
     resumed = train(parts, "fp16_cut", resume_from="fp16_cut.safetensors", **common)[0]
     assert _loss_scaler_state("fp16_cut") == full_scaler
