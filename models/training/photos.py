@@ -9,6 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from ..errors import TrainingError
+from ..faces.images import rgb_float
 
 log = logging.getLogger("idfuse.training")
 
@@ -32,8 +33,6 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def rgb_photos(images: torch.Tensor) -> torch.Tensor:
     """A checked IMAGE batch as RGB float on the CPU (P, H, W, 3), the pixels the face detectors see:
     alpha composited over black, grey expanded (the one conversion, in models/faces/images.py)."""
-    from ..faces.images import rgb_float
-
     if images.ndim != 4 or images.shape[0] == 0 or images.shape[-1] not in (1, 2, 3, 4):
         raise TrainingError(f"images: expected a batch of photos [count, height, width, channels], got shape "
                             f"{tuple(images.shape)}.")
