@@ -61,7 +61,7 @@ class NoFaceInTrainingPhotoError(NoFaceError, TrainingError):
 
 
 class TrainingFaceDetectorUnavailable(FaceDetectorUnavailable, TrainingError):
-    """The built-in detector for training masks cannot run (scikit-image is missing)."""
+    """The built-in detector for training masks cannot run (dlib or its models are missing)."""
 
 
 class NonFiniteLossError(TrainingError):

@@ -2,8 +2,8 @@
 
 types.py says what a backend is (FaceDetector, FaceBackend) and holds the face data; images.py is the
 one IMAGE -> RGB conversion; embed.py, masks.py and preview.py work over any backend. Each kind of
-backend that IDFuse Load Face Analysis can load is one file (insightface.py) and one entry in
-``BACKENDS`` below; the built-in cascade (cascade.py) only detects, for face masks.
+backend that IDFuse Load Face Analysis can load is one file (insightface.py, dlib.py) and one entry in
+``BACKENDS`` below; masks.py names the built-in detector of face masks (dlib's HOG).
 
 No ComfyUI imports: nodes/faces.py and nodes/glue/training_masks.py are the glue.
 """
@@ -14,15 +14,34 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import FaceAnalysisError
-from .insightface import InsightFaceBackend
+from .dlib import HOG_MODEL as DLIB_HOG_MODEL
+from .dlib import DlibBackend
+from .insightface import RECOMMENDED_PACK, InsightFaceBackend, find_model_pack
 from .types import FaceBackend, FaceBackendBase, FaceDetector
 
-BACKENDS: list[type[FaceBackendBase]] = [InsightFaceBackend]
+# insightface's packs first (when present, they are what most encoders were trained with), then dlib's
+# public-domain models, which come with requirements.txt: without insightface, the default.
+BACKENDS: list[type[FaceBackendBase]] = [InsightFaceBackend, DlibBackend]
 
 
 def model_names() -> list[str]:
     """Every backend's model names, in list order: IDFuse Load Face Analysis' model_name choices."""
     return [name for kind in BACKENDS for name in kind.model_names()]
+
+
+def default_first(model_roots: Callable[[str], Sequence[str | Path]]) -> list[str]:
+    """model_names() with the one to preselect first (ComfyUI preselects a combo's first choice): buffalo_l when
+    insightface and its files are here (IP-Adapter FaceID needs its w600k embeddings), else the built-in dlib HOG,
+    which works on a fresh install."""
+    names = model_names()
+    preferred = DLIB_HOG_MODEL
+    if InsightFaceBackend.missing_dependencies() is None:
+        try:
+            find_model_pack(RECOMMENDED_PACK, model_roots(InsightFaceBackend.model_folder))
+            preferred = RECOMMENDED_PACK
+        except FaceAnalysisError:
+            pass
+    return sorted(names, key=lambda name: name != preferred)
 
 
 def providers() -> list[str]:
@@ -44,7 +63,9 @@ def load_backend(model_name: str, model_roots: Callable[[str], Sequence[str | Pa
                  det_size: int) -> FaceBackend:
     """Load model_name with its backend; ``model_roots(folder)`` lists the paths of a model folder."""
     kind = backend_kind(model_name)
-    return kind.load(model_name, model_roots(kind.model_folder), provider, det_size)
+    # A kind whose files come with a pip package (dlib) has no ComfyUI model folder to search.
+    roots = model_roots(kind.model_folder) if kind.model_folder else []
+    return kind.load(model_name, roots, provider, det_size)
 
 
 def as_face_detector(value: object) -> FaceDetector:

@@ -1,5 +1,5 @@
 """Face masks of training photos, for the trainer and IDFuse Face Masks: the detector of the connected face backend
-(IDFuse Load Face Analysis), else the built-in cascade (models/faces/cascade.py)."""
+(IDFuse Load Face Analysis), else the built-in one, dlib's HOG detector (models/faces/masks.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import torch
 
 from ...models.errors import FaceDetectorUnavailable, NoFaceInTrainingPhotoError, TrainingFaceDetectorUnavailable
 from ...models.faces import as_face_detector
-from ...models.faces.cascade import CascadeFaceDetector
 from ...models.faces.images import to_uint8
-from ...models.faces.masks import ellipse_mask
+from ...models.faces.masks import built_in_detector, ellipse_mask
 from ...models.faces.types import Box, FaceDetector
 from ...models.training.photos import rgb_photos
 
@@ -19,11 +18,11 @@ log = logging.getLogger("idfuse.nodes")
 
 
 def face_detector(face_analysis=None, for_trainer: bool = False) -> FaceDetector:
-    """The connected face backend's detector when a FACE_ANALYSIS is given, else the built-in cascade."""
+    """The connected face backend's detector when a FACE_ANALYSIS is given, else the built-in one (dlib HOG)."""
     if face_analysis is not None:
         return as_face_detector(face_analysis)
     try:
-        return CascadeFaceDetector()
+        return built_in_detector()
     except FaceDetectorUnavailable as e:
         other = "connect face masks to masks, or " if for_trainer else ""
         raise TrainingFaceDetectorUnavailable(f"{e} Or {other}connect IDFuse Load Face Analysis to face_analysis.") from e
@@ -43,7 +42,8 @@ def no_face_message(missing: list[int], count: int, for_trainer: bool = False,
     if for_trainer:
         remedies.append("connect face masks to masks")
     if not face_analysis_connected:
-        remedies.append("connect IDFuse Load Face Analysis to face_analysis (its detector also finds turned faces)")
+        remedies.append("connect IDFuse Load Face Analysis to face_analysis (insightface or dlib CNN also find "
+                        "turned faces)")
     remedies.append("use attention_mode reference_prompt, which needs no mask" if for_trainer
                     else "paint the masks yourself")
     advice = ", ".join(remedies[:-1]) + f", or {remedies[-1]}"

@@ -1,5 +1,5 @@
-"""Face masks without a MASK input: the built-in cascade on real photos, the IDFuse Face Masks node,
-and the trainer finding the face itself."""
+"""Face masks without a MASK input: the built-in detector (dlib's HOG) on real photos, the IDFuse Face Masks
+node, and the trainer finding the face itself."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import torch
 from skimage import data
 
 from comfyui_idfuse.models.errors import TrainingError
-from comfyui_idfuse.models.faces.cascade import CascadeFaceDetector
-from comfyui_idfuse.models.faces.masks import ellipse_mask
+from comfyui_idfuse.models.faces.masks import built_in_detector, ellipse_mask
 from comfyui_idfuse.nodes import NODE_CLASS_MAPPINGS
 from comfyui_idfuse.nodes.glue.training_masks import face_masks
 from comfyui_idfuse.nodes.train import IDFuseFaceMasks
@@ -41,46 +40,6 @@ def insightface_photo(name: str) -> np.ndarray:
     return onnx_faces.insightface_sample(name)
 
 
-@pytest.fixture(scope="module")
-def detector() -> CascadeFaceDetector:
-    return CascadeFaceDetector()
-
-
-def test_cascade_finds_the_astronauts_face_and_its_mirror_image(detector):
-    box = detector.detect(data.astronaut()).largest_box()
-    assert iou(box, ASTRONAUT_FACE) > 0.6, box
-    mirrored = detector.detect(np.ascontiguousarray(data.astronaut()[:, ::-1])).largest_box()
-    expected = (512 - ASTRONAUT_FACE[2], ASTRONAUT_FACE[1], 512 - ASTRONAUT_FACE[0], ASTRONAUT_FACE[3])
-    assert iou(mirrored, expected) > 0.6, mirrored
-
-
-def test_cascade_finds_a_face_that_fills_the_photo(detector):
-    # an aligned 112x112 crop: the face is the photo
-    box = detector.detect(insightface_photo("Tom_Hanks_54745.png")).largest_box()
-    assert box is not None
-    centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
-    assert abs(centre[0] - 56) < 10 and abs(centre[1] - 60) < 12 and box[2] - box[0] > 50, box
-
-
-def test_cascade_picks_the_largest_face_of_a_group(detector):
-    photo = insightface_photo("t1.jpg")  # six people
-    box = detector.detect(photo).largest_box()
-    assert box is not None and 100 < box[2] - box[0] < 260, box
-    # the face is one of the group's: cropping everything else away finds it again
-    x1, y1, x2, y2 = (int(v) for v in box)
-    pad = (x2 - x1) // 2
-    crop = photo[max(0, y1 - pad):y2 + pad, max(0, x1 - pad):x2 + pad]
-    assert detector.detect(np.ascontiguousarray(crop)).largest_box() is not None
-
-
-@pytest.mark.parametrize("name", ["coffee", "chelsea", "rocket", "retina", "camera"])
-def test_cascade_finds_nothing_in_photos_without_a_face(detector, name):
-    photo = getattr(data, name)()
-    if photo.ndim == 2:
-        photo = np.stack([photo] * 3, axis=-1)
-    assert detector.detect(photo).largest_box() is None
-
-
 def test_node_makes_one_mask_per_photo_and_a_preview():
     assert NODE_CLASS_MAPPINGS["IDFuseFaceMasks"] is IDFuseFaceMasks
     images = as_image(data.astronaut(), np.ascontiguousarray(data.astronaut()[:, ::-1]))
@@ -103,13 +62,50 @@ def test_no_face_is_an_error_naming_the_photo():
     assert face_masks(images, None, required=False) is None
 
 
-def test_missing_scikit_image_says_what_to_install(monkeypatch):
-    monkeypatch.setitem(sys.modules, "skimage", None)
-    monkeypatch.setitem(sys.modules, "skimage.feature", None)
+def test_missing_dlib_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "dlib", None)
     images = as_image(data.astronaut())
-    with pytest.raises(TrainingError, match="pip install scikit-image"):
+    with pytest.raises(TrainingError, match="pip install dlib-bin face-recognition-models"):
         face_masks(images, None, required=True)
     assert face_masks(images, None, required=False) is None
+
+
+# --- the built-in detector: dlib's HOG, which replaced the cascade ------------------------------------
+
+# Face centres (x, y) in insightface's t1.jpg, read off by eye, left to right (as in test_dlib_backend.py).
+GROUP_FACE_CENTRES = ((115, 331), (317, 217), (512, 357), (784, 413), (944, 136), (1173, 344))
+
+
+def faces_at(boxes, centres, tolerance: float = 0.3) -> list[int]:
+    """Indices of the labelled centres that a box is centred on (within tolerance x its width)."""
+    hits = []
+    for index, (x, y) in enumerate(centres):
+        for x1, y1, x2, y2 in boxes:
+            if np.hypot((x1 + x2) / 2 - x, (y1 + y2) / 2 - y) < tolerance * (x2 - x1):
+                hits.append(index)
+                break
+    return hits
+
+
+def test_built_in_detector_is_dlib_hog():
+    pytest.importorskip("dlib", reason="the built-in face detector is dlib (requirements.txt)")
+    from comfyui_idfuse.models.faces.dlib import HOG_MODEL, DlibBackend
+
+    detector = built_in_detector()
+    assert isinstance(detector, DlibBackend) and detector.name == HOG_MODEL
+
+
+def test_face_masks_node_masks_the_largest_face_of_a_group():
+    pytest.importorskip("dlib", reason="the built-in face detector is dlib (requirements.txt)")
+    group = insightface_photo("t1.jpg")
+    masks, _ = IDFuseFaceMasks().find(as_image(group))
+    assert masks.shape == (1,) + group.shape[:2]
+    largest = built_in_detector().detect(group).largest_box()
+    centre_x, centre_y = int((largest[0] + largest[2]) / 2), int((largest[1] + largest[3]) / 2)
+    assert masks[0, centre_y, centre_x] == 1
+    assert faces_at([largest], GROUP_FACE_CENTRES) == [2]  # the man in the middle, nearest the camera
+    for x, y in GROUP_FACE_CENTRES[:2] + GROUP_FACE_CENTRES[3:]:
+        assert masks[0, y, x] == 0  # the others are not masked
 
 
 def test_trainer_finds_the_face_itself(tokenizer_dir):
