@@ -20,11 +20,14 @@ class IDFuseLoadIDEncoder:
                    "encoders from models/idfuse/encoders and IP-Adapter FaceID, FaceID-Plus and FaceID-PlusV2 "
                    "checkpoints (SD1.5 and SDXL, .safetensors or .bin) from models/ipadapter, listed as "
                    "'ipadapter/...'. The kind and model family are recognised from the file's contents; a "
-                   "FaceID-PlusV2 file must have 'plusv2' in its name (its weights look like FaceID-Plus).")
+                   "FaceID-PlusV2 file must have 'plusv2' in its name (its weights look like FaceID-Plus). Each "
+                   "encoder reads the face embeddings of one recogniser: the FaceID kinds insightface buffalo_l's, "
+                   "IDFuse encoders the one named in their file; the Infinite-ID nodes refuse others.")
     CATEGORY = "IDFuse/Infinite-ID"
     RETURN_TYPES = ("ID_ENCODER",)
     RETURN_NAMES = ("id_encoder",)
-    OUTPUT_TOOLTIPS = ("The ID encoder, its model family (SD1.5 / SDXL) and kind; loaded to the GPU when used.",)
+    OUTPUT_TOOLTIPS = ("The ID encoder, its model family (SD1.5 / SDXL), kind and face embedding space; loaded to "
+                       "the GPU (whole) when used.",)
     FUNCTION = "load"
 
     @classmethod
@@ -48,8 +51,9 @@ class IDFuseLoadIDEncoder:
             log.info("%s: %s", encoder_name, note)
         patcher = comfy.model_patcher.ModelPatcher(encoder, load_device=device,
                                                    offload_device=comfy.model_management.unet_offload_device())
-        log.info("Loaded ID encoder %s: %s for %s, %d tokens, %d LoRA weights", encoder_name,
-                 encoder.encoder_kind.display_name, encoder.family, encoder.num_tokens, len(encoder.lora))
+        log.info("Loaded ID encoder %s: %s for %s, %d tokens, %d LoRA weights, face embeddings of %s", encoder_name,
+                 encoder.encoder_kind.display_name, encoder.family, encoder.num_tokens, len(encoder.lora),
+                 encoder.embedding_space)
         return (LoadedIDEncoder(patcher, encoder, encoder_name),)
 
 

@@ -1,4 +1,4 @@
-"""Infinite-ID face input: load a face backend (insightface's models), embed the face of reference photos.
+"""Infinite-ID face input: load a face backend (dlib built in, or insightface's models), embed the face of reference photos.
 
 Thin ComfyUI glue over models/faces/. insightface and onnxruntime are imported only
 when a node runs, so the pack loads without them.
@@ -9,41 +9,55 @@ from __future__ import annotations
 import folder_paths
 import torch
 
-from ..models.faces import as_face_backend, load_backend, model_names, providers
+from ..models.faces import as_face_backend, default_first, load_backend, providers
 from ..models.faces.embed import COMBINE_MODES, FACE_CHOICES, NO_FACE_ACTIONS, embed_faces
 from ..models.faces.insightface import DEFAULT_DET_SIZE
 from ..models.faces.types import FaceBackend, FaceEmbedding
-from .glue.clip_vision import clip_vision_penultimate
+from .glue.clip_vision import clip_vision_penultimate, clip_vision_unconditional
 
 CATEGORY = "IDFuse/Infinite-ID"
 
 
 class IDFuseLoadFaceAnalysis:
-    DESCRIPTION = ("Loads insightface's face detector and ArcFace recognition model (antelopev2 or buffalo_l) from "
-                   "ComfyUI/models/insightface/models/<name>/ for IDFuse Face Embed. Needs `pip install insightface "
-                   "onnxruntime` (or onnxruntime-gpu). Nothing is downloaded: missing files are an error saying "
-                   "where to put them.")
+    DESCRIPTION = ("Loads a face backend (detector, alignment, recogniser) for IDFuse Face Embed, Identity Score, Face "
+                   "Masks and the trainer. dlib (public domain, built in): installed with the pack, nothing to "
+                   "download; HOG (fast, frontal faces) or CNN (also turned faces, slow on CPU); 128-d embeddings "
+                   "(dlib-resnet-128). insightface packs (buffalo_l, antelopev2; their weights are licensed for "
+                   "non-commercial research only) from ComfyUI/models/insightface/models/<name>/ with `pip install "
+                   "insightface onnxruntime` (or onnxruntime-gpu). IP-Adapter FaceID, FaceID-Plus and FaceID-PlusV2 "
+                   "need buffalo_l (they were trained on its w600k_r50 embeddings; the Infinite-ID nodes refuse "
+                   "embeddings of another recogniser). Nothing is downloaded: missing files are an error saying where "
+                   "to put them.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("FACE_ANALYSIS",)
     RETURN_NAMES = ("face_analysis",)
-    OUTPUT_TOOLTIPS = ("The face backend: insightface's face detector and ArcFace recognition model of the chosen pack "
-                       "(for IDFuse Face Embed, IDFuse Face Masks and IDFuse Train Identity).",)
+    OUTPUT_TOOLTIPS = ("The face backend: the chosen detector and recogniser (for IDFuse Face Embed, Identity Score, "
+                       "Face Masks and Train Identity).",)
     FUNCTION = "load"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model_name": (model_names(), {
-                "tooltip": "insightface model pack in models/insightface/models/<name>/ (or in a folder listed under "
-                           "'insightface' in extra_model_paths.yaml). antelopev2 (glintr100 recogniser) is what "
-                           "InstantID/PuLID use; IP-Adapter FaceID was trained with buffalo_l (w600k_r50)."}),
+            # buffalo_l first: ComfyUI preselects a combo's first choice.
+            # Preselected (the first choice): buffalo_l when it is installed, else the built-in dlib HOG.
+            "model_name": (default_first(folder_paths.get_folder_paths), {
+                "tooltip": "dlib HOG: fast on CPU, frontal and near-frontal faces. dlib CNN: also turned faces, about "
+                           "2-3 s per photo on CPU at det_size 640. insightface packs: in "
+                           "models/insightface/models/<name>/ (or a folder listed under 'insightface' in "
+                           "extra_model_paths.yaml). IP-Adapter FaceID / FaceID-Plus / PlusV2 need buffalo_l "
+                           "(trained on its w600k_r50 embeddings); antelopev2 (glintr100 recogniser) is what "
+                           "InstantID/PuLID use, and its embeddings do not fit the FaceID encoders; dlib's fit "
+                           "IDFuse encoders trained on them."}),
             "provider": (providers(), {
-                "tooltip": "Where onnxruntime runs the face models. CUDA appears only with onnxruntime-gpu installed "
-                           "(instead of onnxruntime, not next to it)."}),
+                "tooltip": "Where the face models run. insightface: CUDA appears only with onnxruntime-gpu installed "
+                           "(instead of onnxruntime, not next to it). dlib: CPU; CUDA only for a dlib built with CUDA "
+                           "(the dlib-bin wheels are CPU-only)."}),
             "det_size": ("INT", {
                 "default": DEFAULT_DET_SIZE, "min": 160, "max": 2048, "step": 32,
                 "tooltip": "Side of the square the detector sees the photo at. 640 suits most photos; when no face "
-                           "is found, IDFuse Face Embed also tries smaller sizes (512, 384, 256, 160)."}),
+                           "is found, IDFuse Face Embed also tries smaller sizes (512, 384, 256, 160). dlib: the photo "
+                           "is scaled so that its longer side is det_size; raise it for small faces in group photos "
+                           "(the CNN's time grows with its square)."}),
         }}
 
     def load(self, model_name: str, provider: str, det_size: int) -> tuple[FaceBackend]:
@@ -59,8 +73,9 @@ class IDFuseFaceEmbed:
     RETURN_TYPES = ("ID_EMBEDS", "IMAGE")
     RETURN_NAMES = ("id_embeds", "preview")
     OUTPUT_TOOLTIPS = (
-        "The identity: ArcFace embedding [1, 512] combined over the photos, CLIP hidden states of the face "
-        "[1, 257, 1280] when clip_vision is connected, and the per-photo embeddings.",
+        "The identity: the face embedding combined over the photos (ArcFace: [1, 512]) and which recogniser "
+        "made it, CLIP hidden states of the face [1, 257, 1280] and of the unconditional image (the encoder's "
+        "negative) when clip_vision is connected, and the per-photo embeddings.",
         "The photos with every detected face box (the one used in green, with its index) and five keypoints; "
         "photos without a face get a red frame.",
     )
@@ -91,19 +106,24 @@ class IDFuseFaceEmbed:
             "optional": {
                 "clip_vision": ("CLIP_VISION", {
                     "tooltip": "CLIP vision model (ViT-H/14) for encoders that also use CLIP features of the face "
-                               "(IP-Adapter FaceID-Plus/PlusV2, IDFuse encoders with a CLIP mapper)."}),
+                               "(IP-Adapter FaceID-Plus/PlusV2, IDFuse encoders with a CLIP mapper). It also encodes "
+                               "the unconditional image once (CLIP's mean grey, as the reference), which those "
+                               "encoders use for the negative."}),
             },
         }
 
     def embed(self, image: torch.Tensor, face_analysis, face_choice: str, face_index: int, combine: str,
               on_no_face: str, clip_vision=None) -> tuple[FaceEmbedding, torch.Tensor]:
-        encoder = None
+        encoder = unconditional = None
         if clip_vision is not None:
             def encoder(crops: torch.Tensor) -> torch.Tensor:
                 return clip_vision_penultimate(clip_vision, crops)
+
+            def unconditional() -> torch.Tensor:
+                return clip_vision_unconditional(clip_vision)
         embedding, preview = embed_faces(as_face_backend(face_analysis), image, face_choice=face_choice,
                                          face_index=face_index, combine=combine, on_no_face=on_no_face,
-                                         clip_encoder=encoder)
+                                         clip_encoder=encoder, clip_unconditional=unconditional)
         return (embedding, preview)
 
 

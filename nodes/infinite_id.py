@@ -51,11 +51,22 @@ ID_INPUTS = {
                                                    "keeps the text stream the plain model (Infinite-ID has no LoRA)."}),
 }
 
+# ID inputs added after release: optional (so API prompts saved before them still validate; ComfyUI passes the
+# default where a workflow has none) and at the very end of both nodes' inputs.
+ID_OPTIONAL_INPUTS = {
+    # The reference's s_scale (ComfyUI IP-Adapter pack: weight_faceidv2, same default and range).
+    "s_scale": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 5.0, "step": 0.05,
+                          "tooltip": "IP-Adapter FaceID-PlusV2 only (other encoders ignore it): the weight of the "
+                                     "CLIP branch added to the face tokens (the reference's s_scale; weight_faceidv2 "
+                                     "in the IP-Adapter pack). Higher follows the photo's face structure more."}),
+}
+
 
 def _settings(kwargs) -> InfiniteIDSettings:
     return InfiniteIDSettings(kwargs["id_weight"], kwargs["id_start_percent"], kwargs["id_end_percent"],
                               kwargs["mixing"], kwargs["mix_blocks"], kwargs["mix_start_percent"],
-                              kwargs["mix_end_percent"], kwargs["adain"], kwargs["encoder_lora_strength"])
+                              kwargs["mix_end_percent"], kwargs["adain"], kwargs["encoder_lora_strength"],
+                              kwargs.get("s_scale", InfiniteIDSettings.shortcut_scale))
 
 
 class IDFuseInfiniteIDGuider:
@@ -76,7 +87,7 @@ class IDFuseInfiniteIDGuider:
             **ID_INPUTS,
             "return_text_stream": ("BOOLEAN", {"default": False, "tooltip": "Also return the text stream's image "
                                                                             "(after the ID stream's, in the batch)."}),
-        }}
+        }, "optional": {**ID_OPTIONAL_INPUTS}}
 
     def build(self, model, positive, negative, id_encoder, id_embeds, cfg, return_text_stream, **kwargs):
         guider = TwoStreamGuider(prepared_model(model, id_encoder, id_embeds, _settings(kwargs)), return_text_stream)
@@ -108,7 +119,7 @@ class IDFuseInfiniteIDSampler:
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                   "tooltip": "Share of the schedule to run (1 = from pure noise)."}),
             **ID_INPUTS,
-        }}
+        }, "optional": {**ID_OPTIONAL_INPUTS}}
 
     def sample(self, model, positive, negative, id_encoder, id_embeds, latent_image, seed, steps, cfg, sampler_name,
                scheduler, denoise, **kwargs):

@@ -9,6 +9,7 @@ kind object, ``models.encoders.kinds``.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,10 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import IDEncoderError
+from ..faces.types import EMBEDDING_SPACES, describe_embedding_space
 from ..unet import CONTEXT_DIM, FAMILIES, FAMILY_NAMES, BlockKey, block_keys
 
 if TYPE_CHECKING:
     from .kinds.base import EncoderKind
+
+log = logging.getLogger("idfuse.encoders")
 
 FACE_EMBEDDING_DIM = 512  # ArcFace (insightface) embedding
 CLIP_HIDDEN_DIM = 1280  # OpenCLIP ViT-H/14 hidden states
@@ -179,12 +183,14 @@ class IDEncoder(nn.Module):
     ``kind`` is the kind's name ("faceid", "idfuse", ...), ``encoder_kind`` the kind object that
     encodes and saves. ``lora`` maps ComfyUI UNet weight names (``diffusion_model.….attn2.to_q.weight``)
     to ``{"down": (r, in), "up": (out, r)}``: weight += up @ down (scale 1, no alpha), as IP-Adapter
-    FaceID applies it. Empty for kinds without a LoRA.
+    FaceID applies it. Empty for kinds without a LoRA. ``embedding_space`` is the face embedding space it
+    was trained on (``models.faces.types.EMBEDDING_SPACES``); None = its kind's.
     """
 
     def __init__(self, kind: EncoderKind | str, family: str, face_mapper: FaceMapper,
                  clip_mapper: PerceiverResampler | None, hidden_sizes: Mapping[tuple, int],
-                 lora: dict[str, dict[str, torch.Tensor]] | None = None, source: str = "<memory>"):
+                 lora: dict[str, dict[str, torch.Tensor]] | None = None, source: str = "<memory>",
+                 embedding_space: str | None = None):
         super().__init__()
         if isinstance(kind, str):
             from .kinds import kind_named  # here: the kinds import this module
@@ -194,6 +200,12 @@ class IDEncoder(nn.Module):
         if family not in FAMILIES:
             raise IDEncoderError(f"{where}: unknown model family {family!r}; expected one of {sorted(FAMILIES)}.")
         kind.check_mappers(face_mapper, clip_mapper, where)
+        embedding_space = embedding_space or kind.embedding_space
+        known = EMBEDDING_SPACES.get(embedding_space)
+        if known is not None and known.width != face_mapper.embedding_dim:
+            raise IDEncoderError(f"{where}: its face mapper takes {face_mapper.embedding_dim}-wide embeddings, but "
+                                 f"it says it was trained on {describe_embedding_space(embedding_space)}, whose "
+                                 f"vectors are {known.width} wide; the file is damaged or mislabelled.")
         if face_mapper.context_dim != CONTEXT_DIM[family]:
             raise IDEncoderError(f"{where}: the face mapper makes {face_mapper.context_dim}-wide tokens; "
                                  f"{FAMILY_NAMES[family]} needs {CONTEXT_DIM[family]}.")
@@ -205,6 +217,7 @@ class IDEncoder(nn.Module):
                                  f"unknown {sorted(given - layers)[:4]}.")
         self.encoder_kind = kind
         self.kind, self.family, self.source = kind.name, family, source
+        self.embedding_space = embedding_space
         self.face_mapper = face_mapper
         self.clip_mapper = clip_mapper
         self.ip_projections = nn.ModuleDict(
@@ -215,11 +228,12 @@ class IDEncoder(nn.Module):
     def from_weights(cls, kind: EncoderKind, family: str, face_mapper: FaceMapper,
                      clip_mapper: PerceiverResampler | None,
                      ip: Mapping[BlockKey, tuple[torch.Tensor, torch.Tensor]],
-                     lora: dict[str, dict[str, torch.Tensor]], source: str) -> IDEncoder:
+                     lora: dict[str, dict[str, torch.Tensor]], source: str,
+                     embedding_space: str | None = None) -> IDEncoder:
         """An encoder around loaded mappers, taking each layer's (to_k, to_v) weights as they are (no initialisation)."""
         with torch.device("meta"):
             encoder = cls(kind, family, face_mapper, clip_mapper, {k: to_k.shape[0] for k, (to_k, _) in ip.items()},
-                          lora, source)
+                          lora, source, embedding_space)
         weights = {}
         for layer, (to_k, to_v) in ip.items():
             weights[f"{_module_name(layer)}.to_k.weight"] = to_k
@@ -239,6 +253,31 @@ class IDEncoder(nn.Module):
     @property
     def needs_clip_vision(self) -> bool:
         return self.encoder_kind.needs_clip_vision
+
+    def check_face_embedding(self, embedding_space: str | None, width: int, made_by: str = "") -> None:
+        """Raise unless face embeddings of ``embedding_space`` and ``width`` (from the backend ``made_by``) are what
+        this encoder was trained on; only log a warning when a space is not one IDFuse knows (a face model
+        loaded by another pack), as it cannot be checked."""
+        where = f"ID encoder {self.source} ({self.encoder_kind.display_name})"
+        by = f" made by {made_by}" if made_by else ""
+        given = describe_embedding_space(embedding_space) if embedding_space else "an unnamed embedding space"
+        expected = describe_embedding_space(self.embedding_space)
+        space = EMBEDDING_SPACES.get(self.embedding_space)
+        fix = space.how_to_load if space else f"Use the face model of the {self.embedding_space} space"
+        fix += " and run IDFuse Face Embed again"
+        if width != self.face_mapper.embedding_dim:
+            raise IDEncoderError(f"{where} takes {self.face_mapper.embedding_dim}-wide face embeddings of {expected}, "
+                                 f"but id_embeds holds {width}-wide ones of {given}{by}. {fix}.")
+        if embedding_space == self.embedding_space:
+            return
+        if embedding_space not in EMBEDDING_SPACES or space is None:
+            log.warning("%s was trained on face embeddings of %s; id_embeds%s are of %s, which IDFuse cannot check: "
+                        "if they are not the same recogniser's, the identity will not come through", where, expected,
+                        by, given)
+            return
+        raise IDEncoderError(f"{where} was trained on face embeddings of {expected}, but id_embeds holds {given}"
+                             f"{by}: another recogniser's vectors, which this encoder cannot read. {fix}, or use an "
+                             f"ID encoder trained on {embedding_space}.")
 
     def encode(self, face_embeds: torch.Tensor, clip_hidden: torch.Tensor | None = None,
                shortcut_scale: float = 1.0) -> torch.Tensor:

@@ -25,15 +25,15 @@ import numpy as np
 
 from ..errors import FaceAnalysisError
 from .images import detection_canvas
-from .types import DetectedFaces, Face, FaceBackendBase
+from .types import ARCFACE_GLINTR100_512, ARCFACE_W600K_512, DetectedFaces, Face, FaceBackendBase
 
 log = logging.getLogger("idfuse.faces")
 
 INSTALL_COMMAND = "pip install insightface onnxruntime"
 INSTALL_HINT = (f"Install them into the Python that runs ComfyUI: `{INSTALL_COMMAND}` (for NVIDIA GPUs use "
                 f"`onnxruntime-gpu` instead of `onnxruntime`; install exactly one of the two, never both), then "
-                f"restart ComfyUI. The face models go into ComfyUI/models/insightface/models/<antelopev2 or "
-                f"buffalo_l>/.")
+                f"restart ComfyUI. The face models go into ComfyUI/models/insightface/models/<buffalo_l or "
+                f"antelopev2>/.")
 MODEL_ZOO = "insightface's model zoo (https://github.com/deepinsight/insightface/tree/master/python-package)"
 MODEL_FOLDER = "insightface"  # insightface's root: <root>/models/<pack>/*.onnx
 
@@ -51,13 +51,16 @@ class ModelPack:
         return (self.detector, self.recognizer)
 
 
+# buffalo_l first: IDFuse Load Face Analysis offers the packs in this order and ComfyUI preselects the first, and
+# buffalo_l's w600k_r50 is the embedding space IP-Adapter FaceID / Plus / PlusV2 were trained on.
 MODEL_PACKS: dict[str, ModelPack] = {
-    "antelopev2": ModelPack("antelopev2", "scrfd_10g_bnkps.onnx", "glintr100.onnx", "arcface-glintr100-512",
+    "buffalo_l": ModelPack("buffalo_l", "det_10g.onnx", "w600k_r50.onnx", ARCFACE_W600K_512,
+                           ("1k3d68.onnx", "2d106det.onnx", "det_10g.onnx", "genderage.onnx", "w600k_r50.onnx")),
+    "antelopev2": ModelPack("antelopev2", "scrfd_10g_bnkps.onnx", "glintr100.onnx", ARCFACE_GLINTR100_512,
                             ("1k3d68.onnx", "2d106det.onnx", "genderage.onnx", "glintr100.onnx",
                              "scrfd_10g_bnkps.onnx")),
-    "buffalo_l": ModelPack("buffalo_l", "det_10g.onnx", "w600k_r50.onnx", "arcface-w600k-512",
-                           ("1k3d68.onnx", "2d106det.onnx", "det_10g.onnx", "genderage.onnx", "w600k_r50.onnx")),
 }
+RECOMMENDED_PACK = "buffalo_l"
 
 # UI label -> onnxruntime execution provider. Offered only where onnxruntime lists them.
 PROVIDERS: dict[str, str] = {"CPU": "CPUExecutionProvider", "CUDA": "CUDAExecutionProvider"}
@@ -272,7 +275,7 @@ class InsightFaceBackend(FaceBackendBase):
                 continue
             if keypoints is None:
                 raise FaceAnalysisError("The face detector gives no keypoints, which alignment needs; use the "
-                                        "detector of antelopev2 or buffalo_l.")
+                                        "detector of buffalo_l or antelopev2.")
             offset = np.array([dx, dy], dtype=np.float32)
             boxes = found[:, :4].astype(np.float32) - np.tile(offset, 2)
             return DetectedFaces.left_to_right(boxes, found[:, 4], keypoints.astype(np.float32) - offset,
@@ -296,7 +299,7 @@ class InsightFaceBackend(FaceBackendBase):
 
         recognizer = self._recognizer()
         if recognizer is None:
-            raise FaceAnalysisError("The face analysis has no recognition model; load antelopev2 or buffalo_l with "
+            raise FaceAnalysisError("The face analysis has no recognition model; load buffalo_l or antelopev2 with "
                                     "IDFuse Load Face Analysis.")
         if face.keypoints is None:
             raise FaceAnalysisError("The face has no keypoints, which ArcFace alignment needs; detect it with the "

@@ -2,8 +2,8 @@
 
 Two protocols, so that a backend which only finds faces fits as cleanly as one that also embeds them:
 
-- ``FaceDetector``: a ``name`` and ``detect(rgb) -> DetectedFaces``. Enough for face masks; the
-  built-in scikit-image cascade (cascade.py) is one.
+- ``FaceDetector``: a ``name`` and ``detect(rgb) -> DetectedFaces``. Enough for face masks (a plain box
+  detector would do).
 - ``FaceBackend``: a FaceDetector whose detections always carry the five keypoints, plus
   ``align(rgb, keypoints, size)``, ``embed(rgb, face)`` and the ``embedding_space`` its vectors
   live in. IDFuse Face Embed needs one; IDFuse Load Face Analysis makes one (socket FACE_ANALYSIS).
@@ -32,6 +32,39 @@ import numpy as np
 import torch
 
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels
+
+# The embedding spaces IDFuse knows: vectors are comparable only within one space (another recogniser, even
+# of the same width, places faces elsewhere), and an ID encoder works only on the space it was trained on.
+ARCFACE_W600K_512 = "arcface-w600k-512"
+ARCFACE_GLINTR100_512 = "arcface-glintr100-512"
+DLIB_RESNET_128 = "dlib-resnet-128"
+
+
+@dataclass(frozen=True)
+class EmbeddingSpace:
+    """A face recogniser's embedding space: its vectors' width, what makes it, and how to get it in IDFuse."""
+
+    name: str
+    width: int
+    description: str
+    how_to_load: str  # a sentence: what to load to get embeddings of this space, for error messages
+
+
+EMBEDDING_SPACES: dict[str, EmbeddingSpace] = {space.name: space for space in (
+    EmbeddingSpace(ARCFACE_W600K_512, 512, "insightface buffalo_l's ArcFace recogniser w600k_r50 (what IP-Adapter "
+                   "FaceID, FaceID-Plus and FaceID-PlusV2 were trained on)",
+                   "Load buffalo_l in IDFuse Load Face Analysis"),
+    EmbeddingSpace(ARCFACE_GLINTR100_512, 512, "insightface antelopev2's ArcFace recogniser glintr100 (InstantID, "
+                   "PuLID)", "Load antelopev2 in IDFuse Load Face Analysis"),
+    EmbeddingSpace(DLIB_RESNET_128, 128, "dlib's face recognition ResNet", "Load the dlib model in IDFuse Load "
+                   "Face Analysis"),
+)}
+
+
+def describe_embedding_space(name: str) -> str:
+    """'name (what makes it)' for messages; an unknown name as it is."""
+    space = EMBEDDING_SPACES.get(name)
+    return f"{name} ({space.description})" if space else name
 
 KEYPOINT_NAMES = ("left eye", "right eye", "nose tip", "left mouth corner", "right mouth corner")
 
@@ -105,7 +138,7 @@ class FaceDetector(Protocol):
 class FaceBackend(FaceDetector, Protocol):
     """Finds, aligns and embeds faces. Its detections always carry the five keypoints."""
 
-    embedding_space: str  # what its vectors are comparable with, e.g. "arcface-w600k-512"
+    embedding_space: str  # what its vectors are comparable with: a name of EMBEDDING_SPACES where known
 
     def align(self, rgb: np.ndarray, keypoints: np.ndarray, size: int) -> np.ndarray:
         """The face aligned by its five keypoints [5, 2]: an RGB uint8 crop [size, size, 3]."""
@@ -179,6 +212,10 @@ class FaceEmbedding:
     embedding_space: str  # the backend's FaceBackend.embedding_space: which encoders these vectors suit
     sources: tuple[FaceSource, ...] = field(default_factory=tuple)
     combine: str = "normalized mean"
+    # [1, 257, 1280] the same CLIP vision model's penultimate hidden states of the unconditional image (the
+    # negative of encoders with a CLIP mapper: embed.unconditional_clip_image); None without CLIP.
+    clip_hidden_uncond: torch.Tensor | None = None
+    backend: str = ""  # the backend's name, e.g. "insightface buffalo_l", for messages
 
     @property
     def num_photos(self) -> int:

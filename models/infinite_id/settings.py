@@ -25,3 +25,4 @@ class InfiniteIDSettings:
     mix_end: float = 1.0
     adain: str = "mean"
     lora_strength: float = 0.0
+    shortcut_scale: float = 1.0  # FaceID-PlusV2's s_scale: weight of the CLIP branch added to the face tokens

@@ -129,7 +129,7 @@ def sd15_checkpoint(comfyui_path: Path, comfy_dirs: ServerDirs) -> Iterator[Path
 
 @pytest.fixture()
 def face_models(comfy_dirs):
-    """Synthetic antelopev2 models, a FaceID encoder of the real SD1.5 widths and a face photo (input/face.png)."""
+    """Synthetic buffalo_l models (what the example workflows pick), a FaceID encoder of the real SD1.5 widths and a face photo (input/face.png)."""
     import numpy as np
     from PIL import Image
 
@@ -137,7 +137,7 @@ def face_models(comfy_dirs):
     pytest.importorskip("insightface")
     from ip_adapter_files import REAL, write_faceid
 
-    onnx_faces.write_model_pack(comfy_dirs.model_folder("insightface"), "antelopev2")
+    onnx_faces.write_model_pack(comfy_dirs.model_folder("insightface"), "buffalo_l")
     encoder = comfy_dirs.model_folder("ipadapter") / "ip-adapter-faceid_sd15.bin"
     if not encoder.exists():
         write_faceid(encoder, "faceid", "sd15", REAL)

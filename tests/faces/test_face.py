@@ -401,7 +401,8 @@ def test_clip_vision_gets_the_aligned_224_crops(face_libs, backend, portraits):
     clip_vision = StubClipVision()
     embedding, preview = IDFuseFaceEmbed().embed(as_image(*photos), backend, "largest", 0, "normalized mean",
                                                  "error", clip_vision=clip_vision)
-    (crops,) = clip_vision.seen
+    crops, unconditional = clip_vision.seen  # the face crops, then the unconditional image once
+    assert unconditional.shape == (1, 224, 224, 3)
     assert crops.shape == (2, 224, 224, 3) and 0.0 <= float(crops.min()) and float(crops.max()) <= 1.0
     for photo, kps, crop in zip(photos, embedding.keypoints, crops, strict=True):
         expected = face_libs.aligned_crop(photo, kps.numpy(), 224)  # RGB in, RGB out
@@ -410,6 +411,31 @@ def test_clip_vision_gets_the_aligned_224_crops(face_libs, backend, portraits):
     expected_hidden = clip_vision.encode_image(crops).penultimate_hidden_states.mean(0, keepdim=True)
     assert torch.allclose(embedding.clip_hidden, expected_hidden)
     assert preview.shape == (2, 512, 512, 3)
+
+
+def test_face_embed_carries_the_unconditional_clip_features_of_the_reference(face_libs, backend, portraits):
+    """With ComfyUI's CLIP vision model (random weights): the negative's features are the model's penultimate
+    hidden states of an all-zero normalised input, as IP-Adapter computes them, not of a black image."""
+    from ip_adapter_files import random_clip_vision
+
+    from comfyui_idfuse.nodes.faces import IDFuseFaceEmbed
+
+    clip_vision = random_clip_vision()
+    embedding, _preview = IDFuseFaceEmbed().embed(as_image(portraits["tom"]), backend, "largest", 0,
+                                                  "normalized mean", "error", clip_vision=clip_vision)
+    with torch.no_grad():
+        reference = clip_vision.model(pixel_values=torch.zeros(1, 3, 224, 224), intermediate_output=-2)[1]
+        black = clip_vision.encode_image(torch.zeros(1, 224, 224, 3)).penultimate_hidden_states
+    assert embedding.clip_hidden_uncond.shape == (1, 257, 1280) == embedding.clip_hidden.shape
+    torch.testing.assert_close(embedding.clip_hidden_uncond, reference.float(), rtol=0, atol=1e-5)
+    assert (embedding.clip_hidden_uncond - black).abs().max() > 0.1
+    assert clip_vision.image_mean == [0.48145466, 0.4578275, 0.40821073], "the model itself is left as it was"
+    assert embedding.backend == "insightface buffalo_l" and embedding.embedding_space == "arcface-w600k-512"
+
+
+def test_without_clip_vision_there_are_no_clip_features(backend, portraits):
+    embedding, _preview = embed_faces(backend, as_image(portraits["tom"]))
+    assert embedding.clip_hidden is None and embedding.clip_hidden_uncond is None
 
 
 def test_clip_vision_output_is_checked(face_libs, backend):
@@ -434,11 +460,10 @@ def test_nodes_describe_every_input():
         assert len(node.OUTPUT_TOOLTIPS) == len(node.RETURN_TYPES)
     assert face.IDFuseLoadFaceAnalysis.RETURN_TYPES == ("FACE_ANALYSIS",)
     assert face.IDFuseFaceEmbed.RETURN_TYPES == ("ID_EMBEDS", "IMAGE")
-    assert list(face.IDFuseLoadFaceAnalysis.INPUT_TYPES()["required"]["model_name"][0]) == ["antelopev2", "buffalo_l"]
 
 
 def test_pack_imports_without_insightface(tmp_path):
-    """In a fresh interpreter where insightface and onnxruntime cannot be imported."""
+    """In a fresh interpreter where neither insightface and onnxruntime nor dlib can be imported."""
     script = textwrap.dedent(f"""
         import importlib.abc, importlib.machinery, sys
 
@@ -446,7 +471,7 @@ def test_pack_imports_without_insightface(tmp_path):
             # Importing fails as for a missing package; merely looking the name up (torch's dynamo
             # does, for a list of packages) does not.
             def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("insightface", "onnxruntime"):
+                if name.split(".")[0] in ("insightface", "onnxruntime", "dlib"):
                     return importlib.machinery.ModuleSpec(name, self)
                 return None
 
@@ -475,7 +500,7 @@ def test_pack_imports_without_insightface(tmp_path):
                 print("ERROR:", error)
             else:
                 raise SystemExit("no error without insightface")
-        assert not any(name.split(".")[0] in ("insightface", "onnxruntime") for name in sys.modules)
+        assert not any(name.split(".")[0] in ("insightface", "onnxruntime", "dlib") for name in sys.modules)
         print("OK")
     """)
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)

@@ -15,7 +15,7 @@ from comfyui_idfuse.models.faces import (
     load_backend,
     model_names,
 )
-from comfyui_idfuse.models.faces.cascade import CascadeFaceDetector
+from comfyui_idfuse.models.faces.dlib import DlibBackend
 from comfyui_idfuse.models.faces.embed import embed_faces
 from comfyui_idfuse.models.faces.insightface import InsightFaceBackend
 from comfyui_idfuse.models.faces.types import DetectedFaces, FaceBackend, FaceDetector
@@ -55,11 +55,24 @@ class RecordingBackend:
 def test_one_list_of_backends_gives_the_loader_its_choices():
     from comfyui_idfuse.nodes.faces import IDFuseLoadFaceAnalysis
 
-    assert BACKENDS == [InsightFaceBackend]
-    assert model_names() == ["antelopev2", "buffalo_l"]
-    assert IDFuseLoadFaceAnalysis.INPUT_TYPES()["required"]["model_name"][0] == model_names()
-    with pytest.raises(FaceAnalysisError, match="Unknown face model 'dlib'.*antelopev2, buffalo_l"):
-        load_backend("dlib", lambda folder: [], "CPU", 640)
+    assert BACKENDS[0] is InsightFaceBackend
+    assert model_names()[:2] == ["buffalo_l", "antelopev2"]
+    offered = IDFuseLoadFaceAnalysis.INPUT_TYPES()["required"]["model_name"][0]
+    assert sorted(offered) == sorted(model_names())
+    with pytest.raises(FaceAnalysisError, match="Unknown face model 'nonexistent'.*buffalo_l, antelopev2"):
+        load_backend("nonexistent", lambda folder: [], "CPU", 640)
+
+
+def test_buffalo_l_is_preselected_when_installed_else_the_built_in_dlib(face_libs, tmp_path):
+    from comfyui_idfuse.models.faces import default_first
+    from comfyui_idfuse.models.faces.dlib import HOG_MODEL
+
+    assert default_first(lambda folder: [tmp_path])[0] == HOG_MODEL, "a fresh install preselects dlib HOG"
+    face_libs.write_model_pack(tmp_path, "antelopev2")
+    assert default_first(lambda folder: [tmp_path])[0] == HOG_MODEL, "antelopev2 does not fit FaceID encoders"
+    face_libs.write_model_pack(tmp_path, "buffalo_l")
+    roots = {"insightface": [tmp_path]}
+    assert default_first(lambda folder: roots[folder]) == sorted(model_names(), key=lambda n: n != "buffalo_l")
 
 
 @pytest.mark.parametrize(("pack", "space"), [("buffalo_l", "arcface-w600k-512"),
@@ -103,14 +116,23 @@ def test_insightface_own_face_analysis_is_wrapped(face_libs, backend):
     assert as_face_backend(backend) is backend
 
 
+class DetectOnly:
+    """A FaceDetector that finds faces but cannot embed them (e.g. a plain box detector)."""
+
+    name = "box detector"
+
+    def detect(self, rgb: np.ndarray) -> DetectedFaces:
+        return DetectedFaces.left_to_right(np.array([[8.0, 8.0, 40.0, 40.0]]), np.array([0.9]), None)
+
+
 def test_a_detect_only_backend_makes_masks_but_no_embedding():
-    cascade = CascadeFaceDetector()
-    assert isinstance(cascade, FaceDetector) and not isinstance(cascade, FaceBackend)
-    assert as_face_detector(cascade) is cascade
+    detector = DetectOnly()
+    assert isinstance(detector, FaceDetector) and not isinstance(detector, FaceBackend)
+    assert as_face_detector(detector) is detector
     with pytest.raises(FaceAnalysisError, match="only detects faces"):
-        as_face_backend(cascade)
+        as_face_backend(detector)
     with pytest.raises(FaceAnalysisError, match="cannot embed faces"):
-        embed_faces(cascade, torch.zeros(1, 64, 64, 3))
+        embed_faces(detector, torch.zeros(1, 64, 64, 3))
     with pytest.raises(FaceAnalysisError, match="face_analysis is a object, not a face backend"):
         as_face_detector(object())
 
@@ -143,8 +165,7 @@ def test_face_masks_and_face_embed_detectors_see_the_same_pixels(kind, monkeypat
 
     # ... and the built-in detector (Face Masks without a face analysis) gets them too.
     seen: list[np.ndarray] = []
-    monkeypatch.setattr(CascadeFaceDetector, "detect",
-                        lambda self, rgb: seen.append(rgb.copy()) or DetectedFaces.none_found(with_keypoints=False))
+    monkeypatch.setattr(DlibBackend, "detect", lambda self, rgb: seen.append(rgb.copy()) or DetectedFaces.none_found())
     with pytest.raises(NoFaceError, match="No face found"):
         IDFuseFaceMasks().find(images)
     np.testing.assert_array_equal(seen[0], embed_pixels)

@@ -157,3 +157,25 @@ def save_checkpoint(checkpoint: dict[str, dict[str, torch.Tensor]], path: str | 
 def write_faceid(path: str | Path, kind: str, family: str, widths: Widths = SMALL, seed: int | None = 0,
                  dtype: torch.dtype = torch.float16, lora: bool = True) -> Path:
     return save_checkpoint(faceid_checkpoint(kind, family, widths, seed, dtype, lora), path)
+
+
+def random_clip_vision(seed: int = 0, layers: int = 2):
+    """ComfyUI's CLIP vision model (comfy.clip_vision.ClipVisionModel) of ViT-H/14's input and widths (224 px,
+    patch 14: 257 tokens of 1280) with ``layers`` narrow-MLP layers and random weights: what FaceID-Plus reads
+    (penultimate hidden states [K, 257, 1280]), built the way ComfyUI builds it."""
+    import json
+    import tempfile
+
+    import comfy.clip_vision
+    from factories import init_weights
+
+    config = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "gelu", "hidden_size": 1280, "image_size": 224,
+              "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 256,
+              "layer_norm_eps": 1e-05, "model_type": "clip_vision_model", "num_attention_heads": 16,
+              "num_channels": 3, "num_hidden_layers": layers, "patch_size": 14, "projection_dim": 64}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as file:
+        json.dump(config, file)
+    model = comfy.clip_vision.ClipVisionModel(file.name)
+    Path(file.name).unlink()
+    init_weights(model.model, seed)
+    return model

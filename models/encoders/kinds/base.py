@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ...errors import IDEncoderError
+from ...faces.types import ARCFACE_W600K_512
 
 if TYPE_CHECKING:
     from ..checkpoint import Checkpoint
@@ -27,6 +28,8 @@ class EncoderKind:
     expected: str  # what its files look like, for the error on a file that no kind recognises
     needs_clip_vision: bool  # has a CLIP mapper, so encode needs CLIP vision hidden states
     learned_clip_queries: bool = False  # its CLIP mapper has its own queries (else the face tokens are its queries)
+    # The face embedding space (models.faces.types.EMBEDDING_SPACES) its files were trained on, unless a file says.
+    embedding_space: str = ARCFACE_W600K_512
 
     def recognises(self, checkpoint: Checkpoint, **options) -> bool:
         """Whether the file is of this kind. ``options`` are the loader's (e.g. ``plus_v2``); ignore unknown ones.

@@ -2,7 +2,10 @@
 mapper being a perceiver resampler with its own learned queries. The one kind saved in IDFuse's format.
 
 The file: safetensors, metadata ``format`` = "idfuse.id_encoder", ``format_version``, ``model_family``,
-``num_face_tokens``, ``num_clip_tokens``, ``training`` (JSON); tensors ``face_mapper.*``,
+``num_face_tokens``, ``num_clip_tokens``, ``embedding_space`` (the face embedding space it was trained on, a
+name of ``models.faces.types.EMBEDDING_SPACES``; files written before it existed are read as
+arcface-w600k-512, the space of every face model IDFuse offered then by default and of the FaceID files),
+``training`` (JSON); tensors ``face_mapper.*``,
 ``clip_mapper.*`` (perceiver heads of 64 channels) and ``ip.<block key>.to_k.weight`` /
 ``.to_v.weight`` for every cross-attention layer of the family.
 """
@@ -10,6 +13,7 @@ The file: safetensors, metadata ``format`` = "idfuse.id_encoder", ``format_versi
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,11 +21,14 @@ from pathlib import Path
 import torch
 
 from ...errors import IDEncoderError
+from ...faces.types import EMBEDDING_SPACES, describe_embedding_space
 from ...files import atomic_save_safetensors
 from ...unet import CONTEXT_DIM, FAMILIES, block_keys
 from ..checkpoint import Checkpoint
 from ..modules import DIM_HEAD, FaceMapper, IDEncoder, PerceiverResampler
 from .base import EncoderKind
+
+log = logging.getLogger("idfuse.encoders")
 
 FORMAT_NAME = "idfuse.id_encoder"
 FORMAT_VERSION = 1
@@ -58,7 +65,15 @@ class IDFuse(EncoderKind):
                                      f"tokens.")
         ip = {layer: (checkpoint.take(f"ip.{layer}.to_k.weight"), checkpoint.take(f"ip.{layer}.to_v.weight"))
               for layer in block_keys(family)}
-        return IDEncoder.from_weights(self, family, face, clip, ip, {}, checkpoint.name)
+        space = meta.get("embedding_space")
+        if space is None:
+            space = self.embedding_space
+            log.info("%s has no embedding_space in its metadata (written before IDFuse recorded it): read as "
+                     "trained on %s", checkpoint.name, describe_embedding_space(space))
+        elif space not in EMBEDDING_SPACES:
+            log.warning("%s: embedding_space %r is not one IDFuse knows (%s); its face embeddings cannot be checked",
+                        checkpoint.name, space, ", ".join(EMBEDDING_SPACES))
+        return IDEncoder.from_weights(self, family, face, clip, ip, {}, checkpoint.name, space)
 
     def encode(self, encoder: IDEncoder, face_embeds: torch.Tensor, clip_hidden: torch.Tensor | None,
                **options) -> torch.Tensor:
@@ -71,6 +86,7 @@ class IDFuse(EncoderKind):
             "model_family": encoder.family,
             "num_face_tokens": str(encoder.face_mapper.num_tokens),
             "num_clip_tokens": str(encoder.clip_mapper.num_latents),
+            "embedding_space": encoder.embedding_space,
             "training": json.dumps(training or {}, sort_keys=True),
         }
 
@@ -87,19 +103,25 @@ class IDFuse(EncoderKind):
 
 def create_idfuse_encoder(family: str, hidden_sizes: Mapping[tuple, int], num_face_tokens: int = 4,
                           num_clip_tokens: int = 16, face_hidden_dim: int = 1024, clip_mapper_dim: int | None = None,
-                          clip_mapper_depth: int = 4, ff_mult: int = 4) -> IDEncoder:
+                          clip_mapper_depth: int = 4, ff_mult: int = 4,
+                          embedding_space: str = IDFuse.embedding_space) -> IDEncoder:
     """A freshly initialised IDFuse encoder to train.
 
     hidden_sizes: channel width of each cross-attention layer of the family (BlockKey or key tuple).
     clip_mapper_dim: the CLIP mapper's working width (heads of 64); None = the context width.
+    embedding_space: the face embeddings it will be trained on (a name of EMBEDDING_SPACES: its width is the
+    face mapper's input).
     """
+    if embedding_space not in EMBEDDING_SPACES:
+        raise IDEncoderError(f"Unknown embedding_space {embedding_space!r}; expected one of "
+                             f"{list(EMBEDDING_SPACES)}.")
     if family not in FAMILIES:
         raise IDEncoderError(f"Unknown model family {family!r}; expected one of {sorted(FAMILIES)}.")
     context = CONTEXT_DIM[family]
     dim = clip_mapper_dim or context
     if dim % DIM_HEAD:
         raise IDEncoderError(f"clip_mapper_dim must be a multiple of {DIM_HEAD}, got {dim}.")
-    face = FaceMapper(num_face_tokens, context, face_hidden_dim)
+    face = FaceMapper(num_face_tokens, context, face_hidden_dim, EMBEDDING_SPACES[embedding_space].width)
     clip = PerceiverResampler(dim, clip_mapper_depth, dim // DIM_HEAD, ff_mult * dim, context,
                               num_latents=num_clip_tokens)
-    return IDEncoder(IDFuse(), family, face, clip, hidden_sizes)
+    return IDEncoder(IDFuse(), family, face, clip, hidden_sizes, embedding_space=embedding_space)

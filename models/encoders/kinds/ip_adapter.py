@@ -16,6 +16,7 @@ from collections.abc import Mapping
 import torch
 
 from ...errors import IDEncoderError, UnsupportedModelError
+from ...faces.types import ARCFACE_W600K_512
 from ...unet import FAMILY_NAMES, BlockKey, family_from_context_dim
 from ..checkpoint import Checkpoint
 from ..modules import FACE_EMBEDDING_DIM, FaceMapper, IDEncoder, PerceiverResampler
@@ -88,6 +89,10 @@ def _lora(checkpoint: Checkpoint, order: tuple, hidden: Mapping[BlockKey, int],
 
 class IPAdapterKind(EncoderKind):
     """An IP-Adapter FaceID kind: subclasses say how ``image_proj`` is recognised and read."""
+
+    # FaceID, FaceID-Plus and PlusV2 were trained on insightface buffalo_l's normed w600k_r50 embeddings (the
+    # reference's FaceAnalysis default and its FaceID README); their files do not say so themselves.
+    embedding_space = ARCFACE_W600K_512
 
     def mappers(self, checkpoint: Checkpoint, context_dim: int,
                 where: str) -> tuple[FaceMapper, PerceiverResampler | None]:
