@@ -9,7 +9,6 @@ stream separately with the same cfg: each stream has its own positive and negati
 
 from __future__ import annotations
 
-import comfy.model_management
 import comfy.samplers
 import torch
 from comfy.ldm.modules.attention import optimized_attention
@@ -18,14 +17,17 @@ from ...models.errors import IDEncoderError
 from ...models.infinite_id.attention import IDCrossAttention, IDKeysValues, MixedSelfAttention, SigmaWindow
 from ...models.infinite_id.settings import MIX_BLOCKS, InfiniteIDSettings
 from ...models.unet import FAMILY_NAMES, block_keys
+from .id_encoders import load_fully
 from .lora import with_lora
-from .model_info import cross_attention_widths, model_family
+from .model_info import PERCENT_WINDOWS, check_model_sampling, cross_attention_widths, model_family
 from .sampling import sigma_range
+from .shared_noise import with_shared_noise
 
 
 def two_stream_model(model, layers: dict[tuple[str, int, int], IDKeysValues], settings: InfiniteIDSettings):
     """A clone of ``model`` whose attention runs the ID stream on the second half of each chunk."""
     family = model_family(model)
+    check_model_sampling(model, "IDFuse Infinite-ID Guider / Sampler", PERCENT_WINDOWS)
     keys = block_keys(family)
     missing = [str(k) for k in keys if k.key not in layers]
     if missing:
@@ -55,8 +57,10 @@ def two_stream_model(model, layers: dict[tuple[str, int, int], IDKeysValues], se
 class TwoStreamGuider(comfy.samplers.CFGGuider):
     """CFG guider that denoises a text stream and an ID stream from the same noise in one batch.
 
-    ``sample`` returns the ID stream, or both streams concatenated (ID first) when
-    ``return_text_stream`` is set; ``last_text_stream`` keeps the text stream of the last run.
+    Both streams also get the same per-step noise from any KSAMPLER (``shared_noise``), the text
+    stream's being what a plain sampling of its rows draws. ``sample`` returns the ID stream, or both
+    streams concatenated (ID first) when ``return_text_stream`` is set; ``last_text_stream`` keeps the
+    text stream of the last run.
     """
 
     def __init__(self, model_patcher, return_text_stream: bool = False):
@@ -74,31 +78,46 @@ class TwoStreamGuider(comfy.samplers.CFGGuider):
         def id_stream_callback(step, x0, x, total_steps):
             callback(step, x0[batch:], x[batch:], total_steps)
 
-        out = super().sample(doubled(noise), doubled(latent_image), sampler, sigmas, doubled(denoise_mask),
+        shared_noise_sampler = with_shared_noise(sampler)
+        out = super().sample(doubled(noise), doubled(latent_image), shared_noise_sampler, sigmas, doubled(denoise_mask),
                              id_stream_callback if callback is not None else None, disable_pbar, seed)
         text, ident = out[:batch], out[batch:]
         self.last_text_stream = text
         return torch.cat([ident, text]) if self.return_text_stream else ident
 
 
-def id_layers(encoder, embeds, family: str) -> dict[tuple[str, int, int], IDKeysValues]:
-    """Run the ID encoder once (under model management) and project its tokens for every layer."""
+def id_layers(encoder, embeds, family: str, shortcut_scale: float = 1.0) -> dict[tuple[str, int, int], IDKeysValues]:
+    """Run the ID encoder once (loaded whole through model management) and project its tokens for every layer.
+
+    The negative tokens are what the reference builds for classifier-free guidance: a zero face embedding and,
+    for encoders with a CLIP mapper, the CLIP features of the unconditional image that IDFuse Face Embed
+    computed (``FaceEmbedding.clip_hidden_uncond``). ``shortcut_scale``: FaceID-PlusV2's s_scale.
+    """
     module = encoder.encoder
     if module.family != family:
         raise IDEncoderError(f"The ID encoder {encoder.source} is for {module.family}, the model is {family}. Load "
                              f"an encoder made for {FAMILY_NAMES[family]}, or a "
                              f"{FAMILY_NAMES.get(module.family, module.family)} checkpoint.")
-    if module.needs_clip_vision and embeds.clip_hidden is None:
-        raise IDEncoderError(f"The ID encoder {encoder.source} ({module.kind}) needs CLIP image features, which "
-                             f"id_embeds lacks: connect a CLIP_VISION (ViT-H) to clip_vision of IDFuse Face Embed.")
-    comfy.model_management.load_models_gpu([encoder.patcher])
-    device = encoder.patcher.load_device
-    face = embeds.arcface.to(device)
-    clip = embeds.clip_hidden.to(device) if module.needs_clip_vision else None
-    dtype = next(module.parameters()).dtype
+    # ID_EMBEDS made by other code than IDFuse Face Embed may not name their space: then it cannot be checked.
+    module.check_face_embedding(getattr(embeds, "embedding_space", None), embeds.arcface.shape[-1],
+                                getattr(embeds, "backend", ""))
+    clip = clip_uncond = None
+    if module.needs_clip_vision:
+        clip = embeds.clip_hidden
+        clip_uncond = getattr(embeds, "clip_hidden_uncond", None)
+        if clip is None:
+            raise IDEncoderError(f"The ID encoder {encoder.source} ({module.kind}) needs CLIP image features, which "
+                                 f"id_embeds lacks: connect a CLIP_VISION (ViT-H) to clip_vision of IDFuse Face "
+                                 f"Embed.")
+        if clip_uncond is None:
+            raise IDEncoderError(f"The ID encoder {encoder.source} ({module.kind}) needs the CLIP features of the "
+                                 f"unconditional image for its negative, which id_embeds lacks: make id_embeds with "
+                                 f"IDFuse Face Embed (clip_vision connected).")
+    load_fully(encoder)
+    face = embeds.arcface
     with torch.no_grad():
-        positive = module.encode(face.to(dtype), None if clip is None else clip.to(dtype))
-        negative = module.encode(torch.zeros_like(face, dtype=dtype), None if clip is None else torch.zeros_like(clip, dtype=dtype))
+        positive = module.encode(face, clip, shortcut_scale=shortcut_scale)
+        negative = module.encode(torch.zeros_like(face), clip_uncond, shortcut_scale=shortcut_scale)
         layers = {}
         for key in block_keys(family):
             k, v = module.kv(key.key, positive)
@@ -108,7 +127,7 @@ def id_layers(encoder, embeds, family: str) -> dict[tuple[str, int, int], IDKeys
 
 
 def prepared_model(model, id_encoder, id_embeds, settings: InfiniteIDSettings):
-    layers = id_layers(id_encoder, id_embeds, model_family(model))
+    layers = id_layers(id_encoder, id_embeds, model_family(model), settings.shortcut_scale)
     id_encoder.encoder.check_layer_widths(cross_attention_widths(model))
     base = with_lora(model, id_encoder.encoder.lora, settings.lora_strength)
     return two_stream_model(base, layers, settings)
