@@ -1,5 +1,6 @@
 """The frozen MODEL and CLIP as the trainer's callables: prompts encoded with the placeholder's
-vectors spliced in, and the patched model's x0 prediction with keys and values from two contexts."""
+vectors spliced in (without re-entering model management), the patched model's x0 prediction with
+keys and values from two contexts, and the precision the run computes in."""
 
 from __future__ import annotations
 
@@ -29,8 +30,25 @@ def _template_text(template: str, word: str, index: int) -> str:
     return template.replace("{}", word)
 
 
+def encode_loaded(clip, tokens: dict, return_pooled: bool = False):
+    """``clip.encode_from_tokens(tokens, return_pooled)`` for a CLIP the run has already loaded: the
+    same clip options (reset, clip_layer, the execution device newer ComfyUI sets) and the same
+    ``encode_token_weights``, without its ``load_model()``. That call goes through model management
+    on every prompt and can partially unload the UNet being trained; the run loads both once.
+    (encode_from_tokens adds hooks only to its ``return_dict`` form, which the trainer does not use.)"""
+    encoder = clip.cond_stage_model
+    encoder.reset_clip_options()
+    if clip.layer_idx is not None:
+        encoder.set_clip_options({"layer": clip.layer_idx})
+    if any(hasattr(m, "execution_device") for m in encoder.modules()):  # newer ComfyUI sets it after loading
+        encoder.set_clip_options({"execution_device": clip.patcher.load_device})
+    cond, pooled = encoder.encode_token_weights(tokens)[:2]
+    return (cond, pooled) if return_pooled else cond
+
+
 class SplicingTextEncoder:
-    """Encodes prompts with ComfyUI's CLIP, the placeholder's input-embedding rows replaced by vectors.
+    """Encodes prompts with ComfyUI's CLIP (loaded by the run), the placeholder's input-embedding rows
+    replaced by vectors.
 
     The placeholder stays an ordinary token id; a forward hook on each text encoder's token
     embedding swaps its output rows at that id for the given vector (out of place, so autograd
@@ -100,7 +118,7 @@ class SplicingTextEncoder:
     def encode(self, template: int, vectors: dict[str, torch.Tensor]) -> torch.Tensor:
         self._vectors = vectors
         try:
-            return self.clip.encode_from_tokens(self.tokens[template])
+            return encode_loaded(self.clip, self.tokens[template])
         finally:
             self._vectors = None
 
@@ -108,7 +126,7 @@ class SplicingTextEncoder:
         """The prompt with the initialiser word: the v2 reference prompt, and (SDXL) the pooled output
         that IDFuse Encode With ID also takes from the plain prompt."""
         with torch.no_grad():
-            cond, pooled = self.clip.encode_from_tokens(self.reference_tokens[template], return_pooled=True)
+            cond, pooled = encode_loaded(self.clip, self.reference_tokens[template], return_pooled=True)
         return cond.float(), None if pooled is None else pooled.float()
 
 
@@ -165,23 +183,50 @@ def model_extra_conds(patched, pooled: torch.Tensor | None, size: tuple[int, int
 @dataclass(frozen=True)
 class Precision:
     autocast: torch.dtype | None  # torch.autocast to this dtype around the model, or None
-    loss_scaling: bool  # float16 compute: scale the loss so that gradients do not underflow
+    loss_scaling: bool  # some part computes in float16: scale the loss so that gradients do not underflow
+
+
+def model_compute_dtype(patched) -> torch.dtype:
+    """The dtype ComfyUI's apply_model casts the latent and the context to (so the dtype the token
+    vectors' gradients pass through): the manual-cast dtype, including one a clone set, else the weights'."""
+    return patched.get_model_object("manual_cast_dtype") or patched.model.get_dtype()
+
+
+def bfloat16_available(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def _can_set_compute_dtype(patched) -> bool:
+    # set_model_compute_dtype (weights cast layer by layer) is newer than the late-2024 core
+    return hasattr(patched, "set_model_compute_dtype")
 
 
 def training_precision(name: str, patched, device: torch.device) -> Precision:
-    """What training_dtype means for this model on this device. Call before the model is loaded:
-    float32 on a model whose weights are float16/bfloat16 makes the clone compute in float32."""
-    if name == "float16":
-        return Precision(torch.float16, True)
-    if name == "bfloat16" or (name == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
-        return Precision(torch.bfloat16, False)
-    compute = getattr(patched.model, "manual_cast_dtype", None) or patched.model.get_dtype()
-    if name == "float32" and compute != torch.float32:
-        if hasattr(patched, "set_model_compute_dtype"):  # newer ComfyUI (not the late-2024 core): weights cast per layer
-            patched.set_model_compute_dtype(torch.float32)
-            return Precision(None, False)
-        log.warning("This ComfyUI cannot make a %s model compute in float32; training in %s%s.",
-                    compute, compute, " with loss scaling" if compute == torch.float16 else "")
-    # No autocast: the model computes in its own dtype. ComfyUI loads float16 weights on GPUs without
-    # bfloat16, and gradients through float16 activations need loss scaling.
-    return Precision(None, compute == torch.float16)
+    """What training_dtype means for this model on this device. Call before the model is loaded: it
+    may change the clone's compute dtype.
+
+    apply_model casts the context to the UNet's compute dtype whatever autocast does, so a float16
+    model puts float16 tensors on the token vectors' gradient path even under bfloat16 autocast: the
+    loss is scaled whenever float16 is computed (autocast or compute dtype). The text encoders are
+    not a case: ComfyUI's return their embeddings in float32 and their manual-cast layers follow it.
+    ``auto`` is bfloat16 where the GPU has it and the model can compute in it (float32 or bfloat16
+    weights, or a ComfyUI that casts float16 weights per layer), else the model's own dtype.
+    """
+    compute = model_compute_dtype(patched)
+    settable = _can_set_compute_dtype(patched)
+    if name == "auto":
+        bfloat16_fits = compute != torch.float16 or settable
+        name = "bfloat16" if bfloat16_available(device) and bfloat16_fits else "the model's own"
+    autocast = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(name)
+    wanted = None
+    if name == "bfloat16" and compute == torch.float16:
+        wanted = torch.bfloat16
+    elif name == "float32" and compute != torch.float32:
+        wanted = torch.float32
+    if wanted is not None and settable:
+        patched.set_model_compute_dtype(wanted)
+        compute = wanted
+    elif wanted is not None:
+        log.warning("This ComfyUI cannot make a %s model compute in %s; its latent and context stay %s%s.",
+                    compute, wanted, compute, ", so the loss is scaled" if compute == torch.float16 else "")
+    return Precision(autocast, torch.float16 in (autocast, compute))

@@ -32,7 +32,7 @@ from ...models.training.settings import TrainingSettings
 from ...models.training.token_trainer import Evaluation, Host, IdentityTrainer, PromptTable, TrainingData
 from ...models.unet import FAMILY_NAMES
 from .lora_files import load_adapters, lora_layers, model_with_lora, new_adapters, save_lora
-from .model_info import clip_family, model_family
+from .model_info import TRAINING_TIMESTEPS, check_model_sampling, clip_family, model_family
 from .training_files import (
     TRAINER_FORMAT,
     OutputFiles,
@@ -43,6 +43,7 @@ from .training_masks import face_masks
 from .training_models import (
     Denoiser,
     SplicingTextEncoder,
+    model_compute_dtype,
     model_extra_conds,
     patched_clone,
     training_precision,
@@ -63,6 +64,7 @@ class TrainingRun:
             raise TrainingError("IDFuse Train Identity needs the checkpoint's CLIP and VAE; connect both.")
         self.files = OutputFiles(save_name)  # a save_name that cannot be written fails before any work
         self.family = model_family(model)
+        check_model_sampling(model, "IDFuse Train Identity", TRAINING_TIMESTEPS)
         clip_kind = clip_family(clip.tokenize(settings.placeholder))
         if clip_kind != self.family:
             raise TrainingError(f"The CLIP is {FAMILY_NAMES[clip_kind]}'s but the model is "
@@ -184,6 +186,11 @@ class TrainingRun:
             self.lora_layers = layers
             device = patched.load_device
             precision = training_precision(s.training_dtype, patched, device)
+            log.info("Training computes in %s%s%s.", model_compute_dtype(patched),
+                     f" under {precision.autocast} autocast" if precision.autocast else "",
+                     ", with loss scaling" if precision.loss_scaling else "")
+            # The run's one load of the UNet and the text encoder: from here on nothing re-enters model
+            # management (the prompts are encoded with encode_loaded), so neither is unloaded mid-run.
             comfy.model_management.load_models_gpu([patched, self.clip.patcher], force_full_load=True)
             generator = self._generator(text).to(device)
             if adapters is not None:

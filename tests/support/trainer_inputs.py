@@ -1,6 +1,9 @@
-"""The trainer nodes' inputs for tests: their defaults, shrunk to a few steps on small photos."""
+"""The trainer nodes' inputs for tests: their defaults, shrunk to a few steps on small photos; the
+photos; and the node run as ComfyUI runs it."""
 
 from __future__ import annotations
+
+import torch
 
 from comfyui_idfuse.nodes.train import IDFuseTrainIdentity, IDFuseTrainingOptions
 
@@ -28,3 +31,21 @@ def settings(**changes) -> dict:
         else:
             raise KeyError(f"neither trainer node has an input {name!r}")
     return {**identity, "options": IDFuseTrainingOptions().options(**options)[0]}
+
+
+def face_photos(count: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bluish background, a skin-coloured 'face' block; and its mask."""
+    gen = torch.Generator().manual_seed(0)
+    images = 0.1 * torch.rand(count, SIZE, SIZE, 3, generator=gen) + torch.tensor([0.1, 0.2, 0.6])
+    images[:, 32:96, 40:88] = 0.1 * torch.rand(count, 64, 48, 3, generator=gen) + torch.tensor([0.9, 0.7, 0.5])
+    masks = torch.zeros(count, SIZE, SIZE)
+    masks[:, 32:96, 40:88] = 1.0
+    return images, masks
+
+
+def train_node(model, clip, vae, images, masks, save_name: str, **changes):
+    """IDFuse Train Identity on these inputs with ``settings(**changes)``, inside torch.inference_mode
+    as ComfyUI runs nodes."""
+    with torch.inference_mode():
+        return IDFuseTrainIdentity().train(model, clip, vae, images, masks=masks, **settings(save_name=save_name,
+                                                                                           **changes))
