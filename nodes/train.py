@@ -100,8 +100,8 @@ class IDFuseTrainIdentity:
         }, "optional": {
             "masks": ("MASK", {"tooltip": "Face masks, one per photo (or one for all), 1 = face. Resized to the "
                                "photos. Without them a face detector makes them."}),
-            "face_analysis": ("FACE_ANALYSIS", {"tooltip": "insightface face analysis (IDFuse Load Face Analysis) to "
-                                                "find faces when no masks are given; else the built-in frontal-face cascade."}),
+            "face_analysis": ("FACE_ANALYSIS", {"tooltip": "A face backend (IDFuse Load Face Analysis) to find faces "
+                                                "when no masks are given; else the built-in dlib HOG detector."}),
             "options": (OPTIONS_TYPE, {"tooltip": "The other training settings, from IDFuse Training Options; "
                                                   "without it every one has its default."}),
         }}
@@ -158,9 +158,10 @@ class IDFuseTrainingOptions:
             "gradient_checkpointing": boolean_input("gradient_checkpointing", (
                 "Recompute UNet layers in the backward pass: less memory, about a third slower.")),
             "training_dtype": choice_input("training_dtype", TRAINING_DTYPES, (
-                "auto = bfloat16 autocast on GPUs that support it, else the model's own dtype (float16 with loss "
-                "scaling). float16: for GPUs without bfloat16 (GTX 10xx/16xx, RTX 20xx, T4), with loss scaling. "
-                "float32: exact but slowest. The trained weights stay float32.")),
+                "auto = bfloat16 where the GPU has it and the model can compute in it, else the model's own dtype. "
+                "Loss scaling whenever anything computes in float16 (float16 autocast, float16 weights or manual "
+                "cast). float16: for GPUs without bfloat16 (GTX 10xx/16xx, RTX 20xx, T4). float32: exact but "
+                "slowest. The trained weights stay float32.")),
             "checkpoint_every": number_input("checkpoint_every", "Save every N steps (0 = only at the end and when "
                                                                  "stopped)."),
             "lr_schedule": choice_input("lr_schedule", LR_SCHEDULES, (
@@ -175,12 +176,18 @@ class IDFuseTrainingOptions:
             "generator_width": number_input("generator_width", (
                 "Width of the generator's attention block over the initialiser word (a multiple of its "
                 f"{GeneratorConfig.heads} heads); wider = more trainable parameters. A resumed run keeps its own.")),
+            "reference_loss_scale": number_input("reference_loss_scale", (
+                "reference_prompt and both: that term is weighted attention_weight × this. Its MSE between attention "
+                "probabilities gives the tokens ~1000× less gradient than the face_mask term at the same λ "
+                "(measured); 1 = the weighting before 0.3.0. The training report shows each term's gradient share."),
+                round=False),
         }}
 
     def options(self, num_stages: int, attention_mode: str, loss_layers: str, lora_targets: str, templates: str,
                 augmentation: str, resolution: int, batch_size: int, gradient_accumulation: int,
                 gradient_checkpointing: bool, training_dtype: str, checkpoint_every: int, lr_schedule: str,
-                warmup_steps: int, min_snr_gamma: float, detach_reference: bool, generator_width: int):
+                warmup_steps: int, min_snr_gamma: float, detach_reference: bool, generator_width: int,
+                reference_loss_scale: float):
         """The TrainingSettings fields these widgets set (checked here, so a bad value fails before training)."""
         return ({
             "num_stages": num_stages, "attention_mode": attention_mode,
@@ -191,15 +198,16 @@ class IDFuseTrainingOptions:
             "checkpoint_every": checkpoint_every, "lr_schedule": lr_schedule, "warmup_steps": warmup_steps,
             "min_snr_gamma": min_snr_gamma, "detach_reference": detach_reference,
             "generator_width": check_generator_width(generator_width, GeneratorConfig.heads),
+            "reference_loss_scale": reference_loss_scale,
         },)
 
 
 class IDFuseFaceMasks:
     DESCRIPTION = ("Finds the main face in each photo and makes an elliptic face mask (1 = face), as IDFuse Train "
                    "Identity does when its masks input is empty. Use it to check the masks before training, or "
-                   "edit them (e.g. Grow Mask) and connect them to the trainer. The built-in detector (scikit-image's "
-                   "frontal-face cascade) needs nothing else; connect IDFuse Load Face Analysis for insightface's "
-                   "detector, which also finds turned faces.")
+                   "edit them (e.g. Grow Mask) and connect them to the trainer. The built-in detector (dlib's HOG, "
+                   "public domain, installed with the pack) needs nothing else; connect IDFuse Load Face Analysis "
+                   "for dlib's CNN or insightface's detector, which also find turned faces.")
     CATEGORY = "IDFuse/training"
     RETURN_TYPES = ("MASK", "IMAGE")
     RETURN_NAMES = ("masks", "preview")
@@ -212,8 +220,8 @@ class IDFuseFaceMasks:
         return {"required": {
             "images": ("IMAGE", {"tooltip": "Photos of the person, one face each (the largest counts)."}),
         }, "optional": {
-            "face_analysis": ("FACE_ANALYSIS", {"tooltip": "insightface face analysis (IDFuse Load Face Analysis); "
-                                                "without it the built-in frontal-face cascade is used."}),
+            "face_analysis": ("FACE_ANALYSIS", {"tooltip": "A face backend (IDFuse Load Face Analysis); without it "
+                                                "the built-in dlib HOG detector is used."}),
         }}
 
     def find(self, images: torch.Tensor, face_analysis=None):

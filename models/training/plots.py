@@ -7,38 +7,66 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .token_trainer import LossHistory
+from .token_trainer import LossHistory, gradient_shares
+
+# Colours of the attention terms in the gradient-share panel, in the order of their names.
+SHARE_COLOURS = ((200, 70, 40), (40, 150, 70), (140, 60, 170))
 
 
 def render_loss_curve(history: LossHistory, size: tuple[int, int] = (768, 384), as_pil: bool = False):
-    """Diffusion (top) and attention (bottom) loss per step; a ComfyUI IMAGE (1, H, W, 3) or a PIL image."""
+    """Diffusion and attention loss per step and, once measured, each attention term's share of the
+    token vectors' gradient (0-100 %); a ComfyUI IMAGE (1, H, W, 3) or a PIL image."""
     from PIL import Image, ImageDraw
 
     width, height = size
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
-    panels = (("diffusion loss", [s.diffusion for s in history.steps], (40, 90, 200)),
-              ("attention loss", [s.attention for s in history.steps], (200, 70, 40)))
-    panel_h = height // 2
-    for row, (label, values, colour) in enumerate(panels):
-        top, margin = row * panel_h, 8
+    steps = [s.step for s in history.steps]
+    panels = [("diffusion loss", [(steps, [s.diffusion for s in history.steps], (40, 90, 200))], None),
+              ("attention loss", [(steps, [s.attention for s in history.steps], (200, 70, 40))], None)]
+    measured = [s for s in history.steps if s.gradient_norms and "tokens" in s.gradient_norms]
+    names = sorted({n for s in measured for n in s.gradient_norms["tokens"]} - {"diffusion"})
+    if names:
+        shares = [gradient_shares(s.gradient_norms["tokens"]) for s in measured]
+        series = [([s.step for s in measured], [share.get(n, 0.0) for share in shares], colour)
+                  for n, colour in zip(names, SHARE_COLOURS, strict=False)]
+        last = ", ".join(f"{n} {100 * shares[-1].get(n, 0.0):.3g}%" for n in names)
+        panels.append((f"share of the token gradient: {last} (step {measured[-1].step})", series, (0.0, 1.0)))
+    panel_h = height // len(panels)
+    x_range = (min(steps, default=0), max(steps, default=0))
+    for row, (label, series, y_range) in enumerate(panels):
+        top = row * panel_h
         draw.rectangle([0, top, width - 1, top + panel_h - 1], outline=(200, 200, 200))
-        if values:
+        for xs, values, colour in series:
+            _draw_series(draw, xs, values, colour, (top, panel_h, width), x_range, y_range)
+        values = series[0][1]
+        if values and y_range is None:
             low, high = min(values), max(values)
-            span = (high - low) or 1.0
-            steps = max(len(values) - 1, 1)
-            points = [(margin + (width - 2 * margin) * i / steps,
-                       top + margin + 14 + (panel_h - 2 * margin - 14) * (1 - (v - low) / span))
-                      for i, v in enumerate(values)]
-            if len(points) > 1:
-                draw.line(points, fill=colour, width=2)
-            else:
-                draw.ellipse([points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2], fill=colour)
             label = f"{label}: last {values[-1]:.4g}  (min {low:.4g}, max {high:.4g}, {len(values)} steps)"
-        draw.text((margin, top + 2), label, fill=(0, 0, 0))
+        draw.text((8, top + 2), label, fill=(0, 0, 0))
     if as_pil:
         return image
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).unsqueeze(0)
+
+
+def _draw_series(draw, xs: list[int], values: list[float], colour, panel: tuple[int, int, int],
+                 x_range: tuple[int, int], y_range: tuple[float, float] | None) -> None:
+    """One line in a panel (top, height, width): x by step over the history's steps, y over ``y_range``
+    (or the values' own range)."""
+    if not values:
+        return
+    top, panel_h, width = panel
+    margin = 8
+    low, high = y_range if y_range is not None else (min(values), max(values))
+    span = (high - low) or 1.0
+    steps = (x_range[1] - x_range[0]) or 1
+    points = [(margin + (width - 2 * margin) * (x - x_range[0]) / steps,
+               top + margin + 14 + (panel_h - 2 * margin - 14) * (1 - (v - low) / span))
+              for x, v in zip(xs, values, strict=True)]
+    if len(points) > 1:
+        draw.line(points, fill=colour, width=2)
+    else:
+        draw.ellipse([points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2], fill=colour)
 
 
 def _heat(values: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,11 @@ TRAINING_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Steps in a row that float16 loss scaling may skip for overflowing gradients before training stops:
 # each skip halves the scale, so by then the gradients overflow at a scale of 2**-4 or less.
 MAX_SKIPPED_STEPS = 20
+# The trainer measures each loss term's share of the token gradient at step 1 and every this many steps
+# after (one extra backward pass per term on those steps only); the report and the loss plot show it.
+GRADIENT_SHARE_EVERY = 10
+# Default of reference_loss_scale (see TrainingSettings); runs before the setting existed used 1.
+REFERENCE_LOSS_SCALE = 1000.0
 
 
 def _ranged(default, minimum, maximum, step=None):
@@ -53,6 +58,10 @@ class TrainingSettings:
     min_snr_gamma: float = _ranged(0.0, 0.0, 100.0, 0.5)
     detach_reference: bool = True
     generator_width: int = _ranged(256, 16, 4096, 16)
+    # The reference_prompt term enters the loss as attention_weight × this × its MSE: an MSE between attention
+    # probabilities of ~0.01-0.05 that start equal is orders of magnitude smaller than the face_mask term, so
+    # at the same λ it would give the tokens almost no gradient (docs/METHOD.md: the measured shares).
+    reference_loss_scale: float = _ranged(REFERENCE_LOSS_SCALE, 0.0, 1e6, 1.0)
 
     def to_dict(self) -> dict:
         data = asdict(self)

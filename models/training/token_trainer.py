@@ -8,13 +8,19 @@ sampling, the stage of each sample, the losses, evaluation, and the state needed
 pieces any training loop uses (diffusion loss, schedule, loss scaling, optimiser state) are in loop.py.
 
 Every random draw of step k comes from a generator seeded with (seed, k), so a run resumed at
-step k repeats exactly what an uninterrupted run would have done from there.
+step k repeats exactly what an uninterrupted run would have done from there (the learning-rate
+schedule included: it keeps the first run's total, and holds its last rate after it).
+
+Each step records each attention term's value; step 1 and every GRADIENT_SHARE_EVERY-th step also
+the norm of the gradient each weighted term (diffusion, λ × each attention term) gives the token
+generator and the LoRA, so the report and the loss plot show which term actually trains them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,7 +45,7 @@ from .loop import (
 )
 from .losses import attention_loss_for
 from .probes import AttentionProbes, ProbeBatch, attention_maps, face_share
-from .settings import TrainingSettings
+from .settings import GRADIENT_SHARE_EVERY, TrainingSettings
 
 log = logging.getLogger("idfuse.training")
 
@@ -89,9 +95,21 @@ class Host:
 class StepLosses:
     step: int
     diffusion: float
-    attention: float
+    attention: float  # the attention loss of the mode (the sum of its terms), unweighted
     total: float
     learning_rate: float
+    # Each attention loss of the mode by name (unweighted; ``both`` has two), when it was recorded.
+    terms: dict[str, float] = field(default_factory=dict)
+    # On measured steps: per parameter group ("tokens": the generator, "lora": the adapters), the norm of the
+    # gradient each weighted term of the total loss (diffusion, λ·each attention term) gives the step.
+    gradient_norms: dict[str, dict[str, float]] | None = None
+
+
+def gradient_shares(norms: dict[str, float]) -> dict[str, float]:
+    """Each term's gradient norm over the sum of the terms' norms (a cancelling pair still counts as
+    two contributions); all zero when no term gives a gradient."""
+    total = sum(norms.values())
+    return {name: (norm / total if total > 0 else 0.0) for name, norm in norms.items()}
 
 
 @dataclass
@@ -101,22 +119,71 @@ class Evaluation:
     diffusion_loss: float
 
 
+TERM_COLUMN = "loss."  # history column of an attention term: loss.<term>
+GRADIENT_COLUMN = "grad."  # of a gradient norm: grad.<group>.<term>
+BASE_COLUMNS = 5  # step, diffusion, attention, total, learning rate (all a 0.2.0 history has)
+
+
 @dataclass
 class LossHistory:
     steps: list[StepLosses] = field(default_factory=list)
 
-    def to_tensor(self) -> torch.Tensor:
-        rows = [[s.step, s.diffusion, s.attention, s.total, s.learning_rate] for s in self.steps]
-        return torch.tensor(rows, dtype=torch.float64).reshape(-1, 5)
+    @property
+    def columns(self) -> list[str]:
+        """Names of the columns after the first five: the attention terms and the measured gradient norms."""
+        terms = {name for s in self.steps for name in s.terms}
+        norms = {f"{group}.{name}" for s in self.steps for group, by_term in (s.gradient_norms or {}).items()
+                 for name in by_term}
+        return [TERM_COLUMN + n for n in sorted(terms)] + [GRADIENT_COLUMN + n for n in sorted(norms)]
+
+    def to_tensor(self, columns: list[str] | None = None) -> torch.Tensor:
+        """(steps, 5 + len(columns)); NaN where a step has no value (gradients not measured)."""
+        columns = self.columns if columns is None else columns
+        nan = float("nan")
+        rows = []
+        for s in self.steps:
+            row = [s.step, s.diffusion, s.attention, s.total, s.learning_rate]
+            for column in columns:
+                if column.startswith(TERM_COLUMN):
+                    row.append(s.terms.get(column[len(TERM_COLUMN):], nan))
+                else:
+                    group, name = column[len(GRADIENT_COLUMN):].split(".", 1)
+                    row.append((s.gradient_norms or {}).get(group, {}).get(name, nan))
+            rows.append(row)
+        return torch.tensor(rows, dtype=torch.float64).reshape(-1, BASE_COLUMNS + len(columns))
 
     @classmethod
-    def from_tensor(cls, tensor: torch.Tensor) -> LossHistory:
-        return cls([StepLosses(int(r[0]), *(float(v) for v in r[1:])) for r in tensor.tolist()])
+    def from_tensor(cls, tensor: torch.Tensor, columns: list[str] | None = None) -> LossHistory:
+        """The inverse of ``to_tensor``; a history of five columns (saved by 0.2.0) needs no ``columns``."""
+        columns = columns or []
+        if tensor.shape[1] != BASE_COLUMNS + len(columns):
+            raise TrainingError(f"The training state's loss history has {tensor.shape[1]} columns, its metadata "
+                                f"names {BASE_COLUMNS + len(columns)}; the .trainstate file is damaged: start a "
+                                f"new run, or delete the .trainstate to resume without the optimiser state.")
+        steps = []
+        for row in tensor.tolist():
+            losses = StepLosses(int(row[0]), *(float(v) for v in row[1:BASE_COLUMNS]))
+            for column, value in zip(columns, row[BASE_COLUMNS:], strict=True):
+                if value != value:  # NaN: no value at this step
+                    continue
+                if column.startswith(TERM_COLUMN):
+                    losses.terms[column[len(TERM_COLUMN):]] = value
+                else:
+                    group, name = column[len(GRADIENT_COLUMN):].split(".", 1)
+                    losses.gradient_norms = losses.gradient_norms or {}
+                    losses.gradient_norms.setdefault(group, {})[name] = value
+            steps.append(losses)
+        return cls(steps)
+
+
+def _held_after(factor: Callable[[int], float], last: int) -> Callable[[int], float]:
+    return lambda index: factor(min(index, last))
 
 
 class IdentityTrainer:
     """SeFi-IDE: the generator's per-stage key/value vectors (and optional LoRA adapters) trained with the
-    diffusion loss plus ``attention_weight`` × the attention loss named by ``attention_mode``."""
+    diffusion loss plus ``attention_weight`` × the attention loss named by ``attention_mode`` (each of its
+    terms times its own factor, ``term_scales``: reference_prompt's is reference_loss_scale)."""
 
     def __init__(self, settings: TrainingSettings, host: Host, data: TrainingData, prompts: PromptTable,
                  probes: AttentionProbes, generator: IDTokenGenerator, adapters: nn.ModuleDict | None = None):
@@ -128,24 +195,45 @@ class IdentityTrainer:
         self.generator = generator
         self.adapters = adapters
         self.attention_loss = attention_loss_for(settings.attention_mode)
+        self.term_scales = self.attention_loss.term_scales(settings)
         if self.attention_loss.needs_masks and data.masks is None:
             raise TrainingError(f"Attention-loss mode '{settings.attention_mode}' needs face masks.")
         if self.attention_loss.needs_reference and prompts.reference_contexts is None:
             raise TrainingError(f"Attention-loss mode '{settings.attention_mode}' needs the reference prompts.")
         self.optimizer = torch.optim.AdamW(self.parameters(), lr=settings.learning_rate, weight_decay=0.0)
-        self.scheduler = make_lr_scheduler(settings.lr_schedule, self.optimizer, settings.warmup_steps,
-                                           settings.steps)
+        # The total the LR schedule is made for: this run's steps, or (resumed) the first run's.
+        self.schedule_steps = settings.steps
+        self.scheduler = self._lr_scheduler(self.schedule_steps)
+        self.gradient_share_every = GRADIENT_SHARE_EVERY  # 0: never measure the terms' gradients
         self.scaler = LossScaler(host.device.type) if host.loss_scaling else None
         self.step = 0
         self.history = LossHistory()
         sampling = host.model_sampling
         self.num_timesteps = int(sampling.sigmas.shape[0])
 
+    def term_weights(self) -> dict[str, float]:
+        """Each attention term's weight in the loss: attention_weight × its own factor."""
+        return {name: self.settings.attention_weight * scale for name, scale in self.term_scales.items()}
+
     def parameters(self) -> list[nn.Parameter]:
-        params = list(self.generator.parameters())
+        return [p for group in self.parameter_groups().values() for p in group]
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The trained parameters by what they are: the token generator, and the LoRA adapters if any."""
+        groups = {"tokens": list(self.generator.parameters())}
         if self.adapters is not None:
-            params += list(self.adapters.parameters())
-        return params
+            groups["lora"] = list(self.adapters.parameters())
+        return groups
+
+    def _lr_scheduler(self, total_steps: int):
+        """The schedule for ``total_steps``; after them the rate stays at that of the last of them (a
+        resumed run given more steps goes on at the final rate of the schedule it started)."""
+        scheduler = make_lr_scheduler(self.settings.lr_schedule, self.optimizer, self.settings.warmup_steps,
+                                      total_steps)
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            last = max(total_steps - 1, 0)
+            scheduler.lr_lambdas = [_held_after(f, last) for f in scheduler.lr_lambdas]
+        return scheduler
 
     @property
     def skipped_total(self) -> int:
@@ -190,7 +278,7 @@ class IdentityTrainer:
             x0_pred = self.host.denoise(x_noisy, sigma, keys_ctx, values_ctx, templates.tolist())
         return sigma, x0_pred, x0, self.probes.collected()
 
-    def _micro_batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _micro_batch(self, step: int, micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         s = self.settings
         rng = step_generator(s.seed, step, micro)
         variants = torch.randint(self.data.num_variants, (s.batch_size,), generator=rng)
@@ -204,25 +292,75 @@ class IdentityTrainer:
             weight = min_snr_weight(self.host.model_sampling, timesteps, s.min_snr_gamma).to(x0.device)
         diffusion = diffusion_loss(self.host.model_sampling, sigma, x0_pred, x0, weight)
         masks = None if self.data.masks is None else self.data.masks[variants]
-        attention = self.attention_loss(records, masks).to(diffusion.device)
-        return diffusion, attention
+        terms = {name: term.to(diffusion.device) for name, term in self.attention_loss.terms(records, masks).items()}
+        return diffusion, terms
+
+    def measures_gradients(self, step: int) -> bool:
+        """Whether step ``step`` (1-based) measures each term's gradient: the first, then every n-th."""
+        every = self.gradient_share_every
+        return every > 0 and (step == 1 or step % every == 0)
+
+    def _term_gradients(self, weighted: dict[str, torch.Tensor], sums: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Adds each weighted term's gradient (as the micro-batch's backward gives it, without touching
+        ``.grad``) to ``sums[term][group]``, flattened; the graph is kept for the backward of the total."""
+        groups = self.parameter_groups()
+        parameters = [p for group in groups.values() for p in group]
+        micro_share = 1.0 / self.settings.gradient_accumulation
+        for name, term in weighted.items():
+            loss = term * micro_share
+            if self.scaler is not None:  # float16: unscaled gradients of a small term would underflow
+                loss = self.scaler.scale(loss)
+            grads = [None] * len(parameters)
+            if loss.requires_grad:
+                grads = torch.autograd.grad(loss, parameters, retain_graph=True, allow_unused=True)
+            flat, offset = {}, 0
+            for group, members in groups.items():
+                flat[group] = torch.cat([(torch.zeros_like(p) if g is None else g.detach()).flatten().float()
+                                         for p, g in zip(members, grads[offset:offset + len(members)], strict=True)])
+                offset += len(members)
+            for group, vector in flat.items():
+                total = sums.setdefault(name, {})
+                total[group] = vector if group not in total else total[group] + vector
+
+    def _gradient_norms(self, sums: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, float]] | None:
+        """Per group and term, the norm of the summed gradient; None when nothing was measured, or when a
+        gradient overflowed (float16: the step is skipped, its norms mean nothing)."""
+        scale = 1.0 if self.scaler is None else self.scaler.get_scale()
+        groups = [g for g in self.parameter_groups() if any(g in by_group for by_group in sums.values())]
+        norms = {group: {name: float(by_group[group].norm()) / scale for name, by_group in sums.items()}
+                 for group in groups}
+        finite = all(math.isfinite(v) for by_term in norms.values() for v in by_term.values())
+        return norms if norms and finite else None
 
     def train_step(self) -> StepLosses:
         """One optimiser step (gradient_accumulation micro-batches). Gradients stay readable until the next."""
         s = self.settings
         step = self.step + 1
+        measure = self.measures_gradients(step)
         self.optimizer.zero_grad(set_to_none=True)
-        diffusion_sum = attention_sum = 0.0
+        diffusion_sum = attention_sum = scaled_sum = 0.0
+        term_sums: dict[str, float] = {}
+        gradient_sums: dict[str, dict[str, torch.Tensor]] = {}
         try:
             for micro in range(s.gradient_accumulation):
-                diffusion, attention = self._micro_batch(self.step, micro)
-                total = diffusion + s.attention_weight * attention
+                diffusion, terms = self._micro_batch(self.step, micro)
+                # attention: the mode's loss as reported (its terms' sum); scaled: as trained (× each term's factor)
+                attention = torch.stack(list(terms.values())).sum() if terms else torch.zeros_like(diffusion)
+                scaled = (torch.stack([self.term_scales[n] * t for n, t in terms.items()]).sum() if terms
+                          else attention)
+                total = diffusion + s.attention_weight * scaled
                 if not torch.isfinite(total):
                     raise NonFiniteLossError(step, "loss", {"diffusion": float(diffusion.detach()),
                                                             "attention": float(attention.detach())})
+                if measure and terms:  # without an attention term the diffusion has the whole gradient
+                    weighted = {n: s.attention_weight * self.term_scales[n] * t for n, t in terms.items()}
+                    self._term_gradients({"diffusion": diffusion, **weighted}, gradient_sums)
                 backward(total / s.gradient_accumulation, self.scaler)
                 diffusion_sum += float(diffusion.detach())
                 attention_sum += float(attention.detach())
+                scaled_sum += float(scaled.detach())
+                for name, term in terms.items():
+                    term_sums[name] = term_sums.get(name, 0.0) + float(term.detach())
         finally:
             self.probes.end()
         learning_rate = self.optimizer.param_groups[0]["lr"]
@@ -237,7 +375,9 @@ class IdentityTrainer:
         self.step = step
         n = s.gradient_accumulation
         losses = StepLosses(step, diffusion_sum / n, attention_sum / n,
-                            (diffusion_sum + s.attention_weight * attention_sum) / n, learning_rate)
+                            (diffusion_sum + s.attention_weight * scaled_sum) / n, learning_rate,
+                            {name: value / n for name, value in term_sums.items()},
+                            self._gradient_norms(gradient_sums))
         self.history.steps.append(losses)
         return losses
 
@@ -292,8 +432,11 @@ class IdentityTrainer:
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Optimiser moments, step, loss scale and loss history (the trainable weights are saved elsewhere)."""
         tensors, metadata = optimizer_state(self.optimizer, self.step, self.scaler)
-        tensors["history"] = self.history.to_tensor()
+        columns = self.history.columns
+        tensors["history"] = self.history.to_tensor(columns)
+        metadata["history_columns"] = json.dumps(columns)
         metadata["settings"] = json.dumps(self.settings.to_dict(), sort_keys=True)
+        metadata["lr_schedule_steps"] = str(self.schedule_steps)
         return tensors, metadata
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -301,5 +444,12 @@ class IdentityTrainer:
             self.optimizer, tensors, metadata, self.scaler,
             "the LoRA rank/targets or the generator differ from the run being resumed. Use the same settings, or "
             "start a new run.")
-        self.history = LossHistory.from_tensor(tensors["history"]) if "history" in tensors else LossHistory()
+        columns = json.loads(metadata.get("history_columns", "[]"))
+        self.history = LossHistory.from_tensor(tensors["history"], columns) if "history" in tensors else LossHistory()
+        # The schedule of the run being resumed, for the total it was made for (its first run's steps), so
+        # every step gets the rate the uninterrupted run would have had; states of 0.2.0 name only steps.
+        saved_total = metadata.get("lr_schedule_steps") or json.loads(metadata.get("settings", "{}")).get("steps")
+        if saved_total is not None and int(saved_total) != self.schedule_steps:
+            self.schedule_steps = int(saved_total)
+            self.scheduler = self._lr_scheduler(self.schedule_steps)
         advance_lr_scheduler(self.scheduler, self.step)

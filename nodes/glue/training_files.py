@@ -11,8 +11,10 @@ import folder_paths
 from ...models.errors import IDFuseInputError, TrainingError
 from ...models.files import temporary_name
 from ...models.tokens.format import IDTokens, load_id_tokens
+from ...models.training.losses import REFERENCE_MODES
 from ...models.training.settings import TrainingSettings
 from .folders import ID_TOKENS_FOLDER, default_folder
+from .training_options import LOSS_LAYER_CHOICES
 
 TRAINER_FORMAT = "idfuse.trainer"
 NO_RESUME = "none"
@@ -79,16 +81,51 @@ def resume_source(resume_from: str) -> tuple[str | None, IDTokens | None]:
     return path, load_id_tokens(path)
 
 
+# Settings that change what step k does (its photos and prompts, its random draws, its loss, its learning
+# rate, the trained parameters): a resumed run must have the first run's. Not among them: steps (resuming
+# is for training further; the LR schedule keeps the first run's total, see IdentityTrainer), and what
+# changes only speed, memory or rounding (checkpoint_every, gradient_checkpointing, training_dtype).
+RESUME_MUST_MATCH = (
+    "placeholder", "initializer", "num_stages", "generator_width", "lora_rank", "lora_targets", "templates",
+    "seed", "learning_rate", "attention_weight", "attention_mode", "loss_downscales", "detach_reference",
+    "batch_size", "gradient_accumulation", "lr_schedule", "warmup_steps", "min_snr_gamma", "resolution",
+    "augmentation", "reference_loss_scale",
+)
+RESUME_MAY_DIFFER = ("steps", "checkpoint_every", "gradient_checkpointing", "training_dtype")
+# What runs made before a setting existed did, where that is not the setting's default now.
+_BEFORE_THE_SETTING = {"reference_loss_scale": 1.0}
+# Settings only the reference_prompt term reads: other modes (attention_mode matches first) may differ.
+_REFERENCE_ONLY = ("detach_reference", "reference_loss_scale")
+# The node input of a setting where the names differ.
+_INPUT_NAMES = {"loss_downscales": "loss_layers"}
+
+
+def _shown(name: str, value) -> str:
+    """A setting's value as its widget shows it (loss_layers by its choice)."""
+    if name == "loss_downscales":
+        labels = [label for label, v in LOSS_LAYER_CHOICES.items() if (None if v is None else list(v)) == value]
+        return repr(labels[0]) if labels else repr(value)
+    return repr(value)
+
+
 def check_resumable(tokens: IDTokens, settings: TrainingSettings, family: str) -> dict:
+    """The saved run's training metadata, if this run may resume it: refuses any setting of
+    RESUME_MUST_MATCH that differs, naming the setting, both values and the fix."""
     training = tokens.training
     if training.get("format") != TRAINER_FORMAT or not tokens.generator:
         raise TrainingError(f"resume_from {tokens.source}: the file holds no trainer state (it was not made by IDFuse "
                             f"Train Identity, or without its generator); start a new run.")
     tokens.check_family(family)
-    previous = training["settings"]
-    for name in ("placeholder", "initializer", "num_stages", "lora_rank", "lora_targets", "generator_width"):
-        now = settings.to_dict()[name]
-        if previous.get(name) != now:
-            raise TrainingError(f"resume_from {tokens.source} was trained with {name} = {previous.get(name)!r}, this "
-                                f"run has {now!r}; set {name} as in that run to resume it.")
+    previous, current = training["settings"], settings.to_dict()
+    defaults = {**TrainingSettings().to_dict(), **_BEFORE_THE_SETTING}
+    for name in RESUME_MUST_MATCH:
+        saved = previous.get(name, defaults[name])  # older files lack settings added since
+        unused = name in _REFERENCE_ONLY and current["attention_mode"] not in REFERENCE_MODES
+        if saved != current[name] and not unused:
+            shown = _INPUT_NAMES.get(name, name)
+            raise TrainingError(
+                f"resume_from {tokens.source} was trained with {shown} = {_shown(name, saved)}, this run has "
+                f"{_shown(name, current[name])}; a resumed run must repeat what the first run would have done. Set "
+                f"{shown} to {_shown(name, saved)} as in that run to resume it, or set resume_from to "
+                f"'{NO_RESUME}' (and another save_name) to start a new run with {_shown(name, current[name])}.")
     return training

@@ -718,26 +718,6 @@ def _loss_scaler_state(save_name: str) -> dict | None:
     return None if scaler is None else json.loads(scaler)
 
 
-def test_training_precision_follows_the_dtype_and_the_models_weights():
-    from comfyui_idfuse.nodes.glue.training_models import Precision, training_precision
-
-    cpu = torch.device("cpu")
-    full, half = make_model("sd15"), make_model("sd15", dtype=torch.float16)
-    assert training_precision("float16", full, cpu) == Precision(torch.float16, True)
-    assert training_precision("bfloat16", half, cpu) == Precision(torch.bfloat16, False)
-    assert training_precision("auto", full, cpu) == Precision(None, False)
-    assert training_precision("float32", full, cpu) == Precision(None, False)
-    # float16 weights without autocast: the model computes in float16, so the loss is scaled
-    assert training_precision("auto", half, cpu) == Precision(None, True)
-    clone = half.clone()
-    if hasattr(clone, "set_model_compute_dtype"):  # ComfyUI that can cast weights layer by layer
-        assert training_precision("float32", clone, cpu) == Precision(None, False)
-        assert clone.object_patches["manual_cast_dtype"] is torch.float32
-        assert "manual_cast_dtype" not in half.object_patches
-    else:
-        assert training_precision("float32", clone, cpu) == Precision(None, True)
-
-
 def test_float16_training_scales_the_loss_and_skips_overflowing_steps(parts, monkeypatch):
     # λ = 1: the tests' λ = 300 makes gradients that overflow float16 at the initial scale of 2**16
     common = {"steps": 3, "lora_rank": 2, "attention_mode": "face_mask", "attention_weight": 1.0}
@@ -792,3 +772,30 @@ def test_float16_resume_restores_the_loss_scale(parts):
     for name in full.keys:
         torch.testing.assert_close(resumed.keys[name], full.keys[name], rtol=0, atol=1e-6)
         torch.testing.assert_close(resumed.values[name], full.values[name], rtol=0, atol=1e-6)
+
+
+def test_report_gives_each_loss_terms_value_and_gradient_share(parts):
+    """``both`` with a LoRA: the diffusion term and each attention term, on the tokens and on the LoRA."""
+    report = _report(train(parts, "term_shares", steps=2, attention_mode="both", lora_rank=2))
+    terms = report["loss_terms"]
+    assert terms["weights"] == {"diffusion": 1.0, "face_mask": 300.0,
+                                "reference_prompt": 300.0 * TrainingSettings().reference_loss_scale}
+    assert terms["gradient_measured_steps"] == [1]
+    assert set(terms["values"]) == {"diffusion", "face_mask", "reference_prompt", "over_steps"}
+    assert terms["values"]["face_mask"] + terms["values"]["reference_prompt"] == pytest.approx(
+        report["final_losses"]["attention"])
+    for group in ("tokens", "lora"):
+        shares = terms["gradient_share"]["first"][group]
+        assert set(shares) == {"diffusion", "face_mask", "reference_prompt"}
+        assert sum(shares.values()) == pytest.approx(1.0) and all(0 < v < 1 for v in shares.values()), group
+        assert terms["gradient_norm"]["first"][group]["diffusion"] > 0
+
+
+def test_resume_through_the_node_refuses_another_learning_rate_and_keeps_the_history(parts):
+    common = {"lora_rank": 0, "attention_mode": "face_mask"}
+    train(parts, "resume_checked", steps=1, **common)
+    with pytest.raises(TrainingError, match=re.escape("trained with learning_rate = 0.01, this run has 0.02")):
+        train(parts, "resume_checked", steps=2, learning_rate=0.02, resume_from="resume_checked.safetensors", **common)
+    resumed = _report(train(parts, "resume_checked", steps=2, resume_from="resume_checked.safetensors", **common))
+    assert resumed["steps_done"] == 2 and resumed["loss_terms"]["gradient_measured_steps"] == [1]
+    assert resumed["loss_terms"]["values"]["over_steps"] == 2

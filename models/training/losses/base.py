@@ -8,6 +8,7 @@ import torch
 
 from ...errors import TrainingSettingsError
 from ..probes import LayerRecord
+from ..settings import TrainingSettings
 
 
 class AttentionLoss:
@@ -24,6 +25,15 @@ class AttentionLoss:
     def __call__(self, records: Sequence[LayerRecord], masks: torch.Tensor | None) -> torch.Tensor:
         """A scalar loss; ``masks`` (B, H, W) are the face masks of the batch's photos, 1 = face."""
         raise NotImplementedError
+
+    def terms(self, records: Sequence[LayerRecord], masks: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Each loss this one is made of, by name (their sum is the loss): the trainer reports each
+        term's value and its share of the gradient separately."""
+        return {self.name: self(records, masks)}
+
+    def term_scales(self, settings: TrainingSettings) -> dict[str, float]:
+        """Each term's factor on top of attention_weight (the loss is λ × Σ factor × term)."""
+        return {self.name: 1.0}
 
     def required_masks(self, masks: torch.Tensor | None) -> torch.Tensor:
         if masks is None:

@@ -9,6 +9,7 @@ from torch.nn import functional as F
 
 from ...errors import TrainingError
 from ..probes import LayerRecord
+from ..settings import TrainingSettings
 from .base import AttentionLoss
 
 
@@ -26,6 +27,11 @@ def reference_loss(records: Sequence[LayerRecord]) -> torch.Tensor:
 class ReferencePromptLoss(AttentionLoss):
     name = "reference_prompt"
     needs_reference = True
+
+    def term_scales(self, settings: TrainingSettings) -> dict[str, float]:
+        # Its MSE between attention probabilities is far smaller than face_mask's difference of region
+        # means, so it has its own factor (reference_loss_scale; docs/METHOD.md gives the measured shares).
+        return {self.name: settings.reference_loss_scale}
 
     def __call__(self, records: Sequence[LayerRecord], masks: torch.Tensor | None) -> torch.Tensor:
         return reference_loss(records)
