@@ -10,8 +10,8 @@ from ..models.errors import IDFuseInputError, IDTokensError
 from ..models.tokens.format import IDTokens, load_id_tokens
 from ..models.tokens.patch import StageContextPatch
 from .glue.folders import ID_TOKENS_FOLDER
-from .glue.id_encoding import STAGE_CONTEXTS, encode_with_identity, stage_contexts_in
-from .glue.model_info import model_family
+from .glue.id_encoding import STAGE_CONTEXTS, check_distinguishable, encode_with_identity, stage_contexts_in
+from .glue.model_info import STAGE_TIMESTEPS, check_model_sampling, model_family
 from .glue.sampling import sigma_range
 
 log = logging.getLogger("idfuse.nodes")
@@ -112,11 +112,13 @@ class IDFuseApplyIDTokens:
             raise IDFuseInputError("The conditioning holds no identity prompt. Connect the output of IDFuse Encode "
                                    "With ID to the conditioning input.")
         family = model_family(model)
+        check_model_sampling(model, "IDFuse Apply ID Tokens", STAGE_TIMESTEPS)
         for prompt in prompts:
             if prompt.family != family:
                 raise IDTokensError(f"The identity prompt in conditioning ({prompt.source}) was encoded for "
                                     f"{prompt.family}, but the model is {family}. Use a checkpoint of the identity's "
                                     f"family.")
+        check_distinguishable(model, prompts)
         sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
         sampling = model.get_model_object("model_sampling")
         patch = StageContextPatch(prompts, strength, timestep_of_sigma=sampling.timestep,

@@ -6,6 +6,10 @@ stage once with the stage's K vector and once with its V vector spliced in. Duri
 sampling an ``attn2_patch`` recognises the batch rows whose context is the plain one and
 gives the layer the current stage's K context for its keys and V context for its values.
 Rows of other prompts (the negative, other conditionings) pass through unchanged.
+
+Rows are recognised by content only (nothing else about a conditioning reaches the patch in every
+supported ComfyUI version), so two identity prompts with the same plain context but different K/V
+cannot both be applied: ``conflicting_prompts`` finds such a pair for the node to refuse.
 """
 
 from __future__ import annotations
@@ -39,6 +43,29 @@ class StageContexts:
             return self.keys, self.values
         return (torch.lerp(self.plain.expand_as(self.keys), self.keys, strength),
                 torch.lerp(self.plain.expand_as(self.values), self.values, strength))
+
+
+def _same_rows(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` (..., L, C) are equal once the shorter is repeated to the longer's length, as
+    ComfyUI repeats a batch's prompts up to their common length."""
+    short, long = sorted((a, b), key=lambda t: t.shape[-2])
+    if short.shape[:-2] != long.shape[:-2] or short.shape[-1] != long.shape[-1] or long.shape[-2] % short.shape[-2]:
+        return False
+    return torch.equal(torch.cat([short] * (long.shape[-2] // short.shape[-2]), dim=-2), long)
+
+
+def conflicting_prompts(prompts: Sequence[StageContexts]) -> tuple[StageContexts, StageContexts] | None:
+    """A pair of prompts whose rows the patch cannot tell apart (same plain context) but which would give
+    different keys or values, or None. Equal prompts (the same text with the same tokens) do not conflict."""
+    for i, first in enumerate(prompts):
+        for second in prompts[i + 1:]:
+            if first is second or not _same_rows(first.plain, second.plain):
+                continue
+            same_effect = (first.num_stages == second.num_stages and _same_rows(first.keys, second.keys)
+                           and _same_rows(first.values, second.values))
+            if not same_effect:
+                return first, second
+    return None
 
 
 class StageContextPatch:

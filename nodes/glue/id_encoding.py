@@ -10,7 +10,7 @@ import torch
 
 from ...models.errors import IDTokensError
 from ...models.tokens.format import IDTokens
-from ...models.tokens.patch import StageContexts
+from ...models.tokens.patch import StageContextPatch, StageContexts, conflicting_prompts
 from .model_info import TOKENIZER_KEYS, clip_family
 
 # The conditioning option under which IDFuse Encode With ID hands its per-stage contexts to Apply ID Tokens.
@@ -82,3 +82,27 @@ def stage_contexts_in(conditioning) -> list[StageContexts]:
         if contexts is not None and all(contexts is not f for f in found):
             found.append(contexts)
     return found
+
+
+def applied_identity_prompts(model) -> list[StageContexts]:
+    """The identity prompts of the IDFuse Apply ID Tokens patches already on ``model`` (a chain of the node)."""
+    patches = model.model_options.get("transformer_options", {}).get("patches", {}).get("attn2_patch", [])
+    return [prompt for patch in patches if isinstance(patch, StageContextPatch) for prompt in patch.prompts]
+
+
+def check_distinguishable(model, prompts: list[StageContexts]) -> None:
+    """Refuse identity prompts that the patch would mix up: the same plain text (placeholder replaced by the
+    initialiser) with different tokens, in one conditioning or with a prompt applied earlier to this model."""
+    earlier = applied_identity_prompts(model)
+    pair = conflicting_prompts(earlier + prompts)
+    if pair is None:
+        return
+    first, second = pair
+    where = ("one of them is applied by an earlier IDFuse Apply ID Tokens on this model"
+             if any(first is p for p in earlier) else "both are in the conditioning input")
+    raise IDTokensError(
+        f"Two identity prompts have the same text ({first.source} and {second.source}; {where}): with the "
+        f"initialiser word in the placeholder's place they encode identically, and IDFuse Apply ID Tokens "
+        f"recognises a prompt only by that encoding, so the same rows would get both identities. Change a word "
+        f"outside the placeholder in one of the prompts (e.g. 'a photo of sks person' -> 'a portrait of sks "
+        f"person').")

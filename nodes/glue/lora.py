@@ -8,13 +8,44 @@ import comfy.lora
 import torch
 
 from ...models.errors import LoRAFileError
+from .model_info import model_family
+
+KOHYA_PREFIX = "lora_unet_"
+
+
+def original_module_name(weight_key: str) -> str:
+    """kohya name of a UNet weight after its original (SGM) module path: "diffusion_model.input_blocks.4.1.….weight"
+    -> "lora_unet_input_blocks_4_1_…"."""
+    path = weight_key.removeprefix("diffusion_model.").removesuffix(".weight")
+    return KOHYA_PREFIX + path.replace(".", "_")
+
+
+def _key_map_names(model) -> dict[str, list[str]]:
+    """UNet weight key -> every "lora_unet_…" name ComfyUI's LoRA loader maps to it, in the key map's order."""
+    names: dict[str, list[str]] = {}
+    for name, weight in comfy.lora.model_lora_keys_unet(model.model, {}).items():
+        if isinstance(weight, str) and name.startswith(KOHYA_PREFIX):
+            names.setdefault(weight, []).append(name)
+    return names
 
 
 def kohya_names(model) -> dict[str, str]:
-    """UNet weight key ("diffusion_model.….weight") -> its kohya LoRA name ("lora_unet_…")."""
-    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    return {weight: name for name, weight in key_map.items()
-            if isinstance(weight, str) and name.startswith("lora_unet_")}
+    """UNet weight key ("diffusion_model.….weight") -> its name in kohya sd-scripts' convention, which ComfyUI's
+    LoRA loader also reads: SDXL after the original (SGM) modules ("lora_unet_input_blocks_4_1_…", as sd-scripts'
+    SDXL UNet names them), SD1.5 after diffusers' modules ("lora_unet_down_blocks_1_attentions_0_…")."""
+    original = model_family(model) == "sdxl"
+    out = {}
+    for weight, names in _key_map_names(model).items():
+        sgm = original_module_name(weight)
+        diffusers = [n for n in names if n != sgm]
+        out[weight] = sgm if original or not diffusers else diffusers[-1]
+    return out
+
+
+def former_kohya_names(model) -> dict[str, str]:
+    """UNet weight key -> the name earlier versions of the pack wrote for it (ComfyUI's last listed name: the
+    diffusers one where there is one), so that their files still load."""
+    return {weight: names[-1] for weight, names in _key_map_names(model).items()}
 
 
 def as_kohya_state_dict(model, lora: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -1,11 +1,14 @@
 """The trainer's LoRA: the UNet layers it adapts (from the block table) and its file.
 
-The file uses the kohya key format that ComfyUI's own LoraLoader reads, with the names ComfyUI's
-key map gives (through nodes/glue/lora.py, shared with the ID-encoder LoRA):
+The file uses the kohya key format that ComfyUI's own LoraLoader reads, with kohya sd-scripts' names
+(nodes/glue/lora.py, shared with the ID-encoder LoRA: SDXL after the original modules, SD1.5 after
+diffusers'):
 
     <kohya name>.lora_down.weight  (rank, in)
     <kohya name>.lora_up.weight    (out, rank)
     <kohya name>.alpha             ()  -> weight += up @ down * alpha / rank
+
+SDXL files of earlier versions used diffusers' names; resuming from one still works.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from ...models.errors import LoRAFileError
 from ...models.files import atomic_save_safetensors, read_safetensors
 from ...models.training.lora import LoRAAdapter
 from ...models.unet import block_keys, cross_attention_path
-from .lora import as_kohya_state_dict, kohya_names, with_lora
+from .lora import as_kohya_state_dict, former_kohya_names, kohya_names, with_lora
 
 # UI choice -> projections of each cross-attention layer (module names inside attn2).
 LORA_TARGET_CHOICES: dict[str, tuple[str, ...]] = {
@@ -30,10 +33,19 @@ LORA_TARGET_CHOICES: dict[str, tuple[str, ...]] = {
 _PROJECTION_MODULES = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
 
 
-def lora_layers(model, family: str, targets: tuple[str, ...]) -> dict[str, tuple[str, nn.Linear]]:
-    """kohya name -> (UNet weight key, the Linear) for the targets of every cross-attention layer."""
+class LoRALayers(dict[str, tuple[str, nn.Linear]]):
+    """kohya name -> (UNet weight key, the Linear); ``former_names`` gives each kohya name the name earlier
+    versions wrote (the same for SD1.5), to resume their files."""
+
+    def __init__(self, layers: dict[str, tuple[str, nn.Linear]], former_names: dict[str, str]):
+        super().__init__(layers)
+        self.former_names = former_names
+
+
+def lora_layers(model, family: str, targets: tuple[str, ...]) -> LoRALayers:
+    """The targets of every cross-attention layer, by kohya name."""
     unet = model.model.diffusion_model
-    names = kohya_names(model)
+    names, former = kohya_names(model), former_kohya_names(model)
     layers = {}
     for block in block_keys(family):
         attention = cross_attention_path(unet, block)
@@ -44,10 +56,12 @@ def lora_layers(model, family: str, targets: tuple[str, ...]) -> dict[str, tuple
                 raise LoRAFileError(f"ComfyUI has no LoRA name for {weight_key}; this ComfyUI version names LoRA "
                                     f"layers differently. Use lora_rank 0 (tokens only).")
             layers[names[weight_key]] = (weight_key, unet.get_submodule(path))
-    return layers
+    return LoRALayers(layers, {name: former[key] for name, (key, _layer) in layers.items()})
 
 
 def new_adapters(layers: dict[str, tuple[str, nn.Linear]], rank: int, seed: int) -> nn.ModuleDict:
+    # Made in name order: a seed's initial weights and a resumed optimiser state (kept by parameter position)
+    # depend on it. SDXL's kohya names sort like its former (diffusers) names, so both stay as they were.
     rng = torch.Generator().manual_seed(seed + 7)
     return nn.ModuleDict({name: LoRAAdapter(layer.in_features, layer.out_features, rank, generator=rng)
                           for name, (_key, layer) in sorted(layers.items())})
@@ -69,13 +83,15 @@ def save_lora(model, adapters: nn.ModuleDict, layers: dict[str, tuple[str, nn.Li
                                             "ss_network_alpha": str(first.alpha)})
 
 
-def load_adapters(path: str | os.PathLike, layers: dict[str, tuple[str, nn.Linear]], rank: int) -> nn.ModuleDict:
-    """Adapters for ``layers`` with the weights of a LoRA file this trainer saved (to resume)."""
+def load_adapters(path: str | os.PathLike, layers: LoRALayers, rank: int) -> nn.ModuleDict:
+    """Adapters for ``layers`` with the weights of a LoRA file this trainer saved (to resume), under its
+    kohya names or the former ones."""
     name = os.path.basename(str(path))
     tensors, _metadata = read_safetensors(path, LoRAFileError, "LoRA")
     adapters = new_adapters(layers, rank, seed=0)
     for key, adapter in adapters.items():
-        down, up = tensors.get(f"{key}.lora_down.weight"), tensors.get(f"{key}.lora_up.weight")
+        stored = key if f"{key}.lora_down.weight" in tensors else layers.former_names[key]
+        down, up = tensors.get(f"{stored}.lora_down.weight"), tensors.get(f"{stored}.lora_up.weight")
         if down is None or up is None:
             raise LoRAFileError(f"LoRA {name} has no weights for {key}: it was trained with other lora_targets. "
                                 f"Set lora_targets as in the run being resumed.")
@@ -85,7 +101,7 @@ def load_adapters(path: str | os.PathLike, layers: dict[str, tuple[str, nn.Linea
         with torch.no_grad():
             adapter.down.copy_(down)
             adapter.up.copy_(up)
-        adapter.alpha = float(tensors.get(f"{key}.alpha", torch.tensor(float(rank))))
+        adapter.alpha = float(tensors.get(f"{stored}.alpha", torch.tensor(float(rank))))
     return adapters
 
 
