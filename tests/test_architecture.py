@@ -262,7 +262,7 @@ def test_no_file_refers_to_documents_outside_the_repository():
 
 
 @pytest.mark.parametrize(("source", "package", "expected"), [
-    ("import torch\nfrom ..unet import BlockKey\nfrom . import cascade\n", ("models", "faces"), []),
+    ("import torch\nfrom ..unet import BlockKey\nfrom . import masks\n", ("models", "faces"), []),
     ("import comfy.model_management\n", ("models",), [(1, "comfy.model_management")]),
     ("def f():\n    import folder_paths\n", ("models", "tokens"), [(2, "folder_paths")]),
     ("def f():\n    from comfy_extras.nodes_train import X\n", ("models",), [(2, "comfy_extras.nodes_train")]),

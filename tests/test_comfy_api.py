@@ -172,6 +172,10 @@ CALLS: tuple[Call, ...] = (
     Call("comfy.model_base.BaseModel.process_latent_in", 1, method=True),
     Call("comfy.model_base.BaseModel.get_dtype", method=True),
     Call("comfy.clip_vision.ClipVisionModel.encode_image", 1, method=True),
+    Call("comfy.clip_vision.load", 1, token="comfy.clip_vision.load("),
+    Call("comfy.sd.load_checkpoint_guess_config", 1, ("output_vae", "output_clip")),
+    Call("comfy.k_diffusion.sampling.default_noise_sampler", 1),
+    Call("comfy.k_diffusion.sampling.BrownianTreeNoiseSampler", 3, ("seed", "cpu")),
     Call("folder_paths.get_filename_list", 1, needs_full=True),
     Call("folder_paths.get_full_path", 2, needs_full=True),
     Call("folder_paths.get_folder_paths", 1, needs_full=True),
@@ -182,7 +186,7 @@ CALLS: tuple[Call, ...] = (
 # attributes), checked for existence here and for behaviour in the tests below.
 ATTRIBUTES: tuple[str, ...] = (
     f"{MM}.InterruptProcessingException",
-    f"{SA}.KSampler.SAMPLERS", f"{SA}.KSampler.SCHEDULERS",
+    f"{SA}.KSampler.SAMPLERS", f"{SA}.KSampler.SCHEDULERS", f"{SA}.KSAMPLER",
     f"{UT}.PROGRESS_BAR_HOOK",
     "comfy.model_base.BaseModel", "comfy.model_base.SDXL", "comfy.model_base.ModelType",
     "comfy.supported_models.SD15", "comfy.supported_models.SDXL",
