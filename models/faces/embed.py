@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import FaceAnalysisError, NoFaceError
-from .images import rgb_uint8
+from .images import rgb_photos
 from .preview import draw_faces
 from .types import DetectedFaces, FaceBackend, FaceEmbedding, FaceSource
 
@@ -76,12 +76,7 @@ def embed_faces(backend: FaceBackend, images: torch.Tensor, face_choice: str = "
     if not isinstance(backend, FaceBackend):
         raise FaceAnalysisError(f"face_analysis is a {type(backend).__name__}, which cannot embed faces; connect "
                                 f"IDFuse Load Face Analysis.")
-    if images.ndim == 3:
-        images = images[None]
-    if images.ndim != 4 or images.shape[0] == 0:
-        raise FaceAnalysisError(f"Expected an IMAGE batch [photos, height, width, channels], got shape "
-                                f"{tuple(images.shape)}.")
-    photos = [rgb_uint8(image) for image in images]
+    photos = rgb_photos(images, "image")
     detections = [backend.detect(rgb) for rgb in photos]
     count = len(photos)
 

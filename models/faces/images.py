@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-from ..errors import FaceAnalysisError
+from ..errors import FaceAnalysisError, IDFuseInputError
 
 # Photos whose longer side is below this are padded (black, centred) to twice their size before
 # detection: a tight face crop gives the detector no context and is upscaled past its anchors.
@@ -49,6 +49,16 @@ def rgb_uint8(image: torch.Tensor) -> np.ndarray:
     if image.ndim != 3:
         raise FaceAnalysisError(f"Expected an image [height, width, 1-4 channels], got shape {tuple(image.shape)}.")
     return to_uint8(rgb_float(image))
+
+
+def rgb_photos(images: torch.Tensor, input_name: str) -> list[np.ndarray]:
+    """A ComfyUI IMAGE batch (or one image) -> its uint8 RGB photos; any other shape is an error naming the input."""
+    if images.ndim == 3:
+        images = images[None]
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise IDFuseInputError(f"{input_name}: expected an IMAGE batch [images, height, width, channels], got shape "
+                    f"{tuple(images.shape)}.")
+    return [rgb_uint8(image) for image in images]
 
 
 def detection_canvas(rgb: np.ndarray, min_side: int | None = None,

@@ -21,7 +21,7 @@ import torch
 from ..errors import FaceAnalysisError, IDFuseInputError, NoFaceError
 from .dlib import unit_distance_threshold
 from .embed import embed_faces
-from .images import rgb_uint8
+from .images import rgb_photos, rgb_uint8
 from .preview import CHOSEN_COLOUR, NO_FACE_COLOUR, OTHER_COLOUR, draw_faces
 from .types import Box, DetectedFaces, Face, FaceBackend, FaceEmbedding
 
@@ -231,12 +231,7 @@ class BatchScores:
 def score_images(backend: FaceBackend, images: torch.Tensor, reference: Reference) -> tuple[BatchScores,
                                                                                           list[np.ndarray]]:
     """Score every image of a ComfyUI IMAGE batch; also returns the RGB uint8 photos (for the previews)."""
-    if images.ndim == 3:
-        images = images[None]
-    if images.ndim != 4 or images.shape[0] == 0:
-        raise IDFuseInputError(f"images: expected an IMAGE batch [images, height, width, channels], got shape "
-                               f"{tuple(images.shape)}.")
-    photos = [rgb_uint8(image) for image in images]
+    photos = rgb_photos(images, "images")
     scores = [score_photo(backend, rgb, reference, index) for index, rgb in enumerate(photos)]
     batch = BatchScores(scores, best_first(scores), reference, backend.name)
     for score in scores:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from face_photos import as_image, on_canvas
 
 from comfyui_idfuse.models.errors import FaceAnalysisError, NoFaceError
 from comfyui_idfuse.models.faces import images
@@ -30,21 +31,6 @@ def portraits(face_libs) -> dict[str, np.ndarray]:
     astronaut_face = face_libs.aligned_crop(face_libs.astronaut(), face_libs.ASTRONAUT_KPS)
     return {"astronaut": on_canvas(astronaut_face, 224, (144, 144)),
             "tom": on_canvas(face_libs.tom_hanks(), 224, (144, 144))}
-
-
-def as_image(*photos: np.ndarray) -> torch.Tensor:
-    """uint8 RGB photos of one size -> a ComfyUI IMAGE batch."""
-    return torch.from_numpy(np.stack(photos)).float() / 255.0
-
-
-def on_canvas(face: np.ndarray, side: int, at: tuple[int, int], canvas: np.ndarray | None = None) -> np.ndarray:
-    """Paste a face photo, resized to side x side, onto a plain grey 512x512 canvas (a 'portrait on a wall')."""
-    import cv2
-
-    canvas = np.full((512, 512, 3), 128, np.uint8) if canvas is None else canvas.copy()
-    x, y = at
-    canvas[y:y + side, x:x + side] = cv2.resize(face, (side, side), interpolation=cv2.INTER_CUBIC)
-    return canvas
 
 
 def grey(rgb: np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from face_photos import as_image, on_canvas
 
 from comfyui_idfuse.models.errors import IDFuseInputError, NoFaceError
 from comfyui_idfuse.models.faces.embed import embed_faces
@@ -20,20 +21,6 @@ from comfyui_idfuse.models.faces.scoring import (
 )
 from comfyui_idfuse.models.faces.types import DetectedFaces, Face
 from comfyui_idfuse.nodes.scoring import IDFuseIdentityScore
-
-
-def as_image(*photos: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.stack(photos)).float() / 255.0
-
-
-def on_canvas(face: np.ndarray, side: int, at: tuple[int, int], canvas: np.ndarray | None = None) -> np.ndarray:
-    """A face photo resized to side x side on a plain grey 512x512 wall (what the synthetic detector finds)."""
-    import cv2
-
-    canvas = np.full((512, 512, 3), 128, np.uint8) if canvas is None else canvas.copy()
-    x, y = at
-    canvas[y:y + side, x:x + side] = cv2.resize(face, (side, side), interpolation=cv2.INTER_CUBIC)
-    return canvas
 
 
 @pytest.fixture(scope="module")

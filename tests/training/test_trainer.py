@@ -14,7 +14,7 @@ import pytest
 import torch
 from factories import make_clip, make_model, tiny_vae
 from interrupts import Interruption, interrupt_at
-from trainer_inputs import SIZE, settings, widget_defaults
+from trainer_inputs import SIZE, face_photos, settings, widget_defaults
 
 import comfyui_idfuse
 from comfyui_idfuse.models.errors import IDFuseInputError, TrainingError
@@ -33,16 +33,6 @@ from comfyui_idfuse.nodes.glue.training_options import LOSS_LAYER_CHOICES
 from comfyui_idfuse.nodes.train import NODE_CLASS_MAPPINGS, IDFuseTrainIdentity, IDFuseTrainingOptions
 
 LEARNING_STEPS = 36  # "a few dozen": enough for the loss and the face share to move clearly
-
-
-def face_photos(count: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bluish background, a skin-coloured 'face' block; and its mask."""
-    gen = torch.Generator().manual_seed(0)
-    images = 0.1 * torch.rand(count, SIZE, SIZE, 3, generator=gen) + torch.tensor([0.1, 0.2, 0.6])
-    images[:, 32:96, 40:88] = 0.1 * torch.rand(count, 64, 48, 3, generator=gen) + torch.tensor([0.9, 0.7, 0.5])
-    masks = torch.zeros(count, SIZE, SIZE)
-    masks[:, 32:96, 40:88] = 1.0
-    return images, masks
 
 
 @pytest.fixture(scope="module", autouse=True)
