@@ -65,8 +65,9 @@ class IDFuseLoadFaceAnalysis:
 
 
 class IDFuseFaceEmbed:
-    DESCRIPTION = ("Finds the face in each reference photo (insightface), aligns it and turns it into the identity "
-                   "embedding for the Infinite-ID encoder: the ArcFace embedding (combined over all photos) and, with "
+    DESCRIPTION = ("Finds the face in each reference photo (with the connected face backend: dlib or insightface), "
+                   "aligns it and turns it into the identity embedding for the Infinite-ID encoder: the face "
+                   "embedding (ArcFace or dlib's, combined over all photos) and, with "
                    "a CLIP vision model connected, CLIP features of the aligned face crop. The preview shows the "
                    "detected faces (the one used in green) and their keypoints.")
     CATEGORY = CATEGORY
