@@ -52,7 +52,7 @@ def allowed(where: str, name: str) -> bool:
     return any(fnmatch(where, pattern) and name == raised for pattern, raised in ALLOWED)
 
 # Modules of training (its nodes and their glue): the only ones that raise TrainingError.
-TRAINING_MODULES = re.compile(r"^(models/training/.*|nodes/train\.py|nodes/glue/(training_\w+|lora_files)\.py)$")
+TRAINING_MODULES = re.compile(r"^(models/training/.*|nodes/train\.py|nodes/glue/(training_\w+|lora_files|encoder_training|encoder_validation)\.py)$")
 
 
 
