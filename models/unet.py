@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .errors import ModelLayerNotFound, UnsupportedModelError
 
@@ -129,3 +130,9 @@ def layer_grid(latent_hw: Sequence[int], downscale: int) -> tuple[int, int]:
     while factor > 1:
         height, width, factor = (height + 1) // 2, (width + 1) // 2, factor // 2
     return height, width
+
+
+def masks_on_grid(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) masks in [0, 1] -> (B, h*w): the share of each cell of a layer's token grid that the mask covers
+    (area average). The one mask-on-grid resize of the pack: face-mask losses, token regions, regional Infinite-ID."""
+    return F.adaptive_avg_pool2d(masks.unsqueeze(1).float(), grid).flatten(1)

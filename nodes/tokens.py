@@ -8,16 +8,22 @@ import folder_paths
 
 from ..models.errors import IDFuseInputError, IDTokensError
 from ..models.tokens.format import IDTokens, load_id_tokens
+from ..models.tokens.identity_set import IdentitySet, combine
 from ..models.tokens.patch import StageContextPatch
 from .glue.folders import ID_TOKENS_FOLDER
-from .glue.id_encoding import STAGE_CONTEXTS, check_distinguishable, encode_with_identity, stage_contexts_in
+from .glue.id_encoding import (
+    STAGE_CONTEXTS,
+    check_distinguishable,
+    encode_with_identity,
+    install_token_regions,
+    stage_contexts_in,
+)
 from .glue.model_info import STAGE_TIMESTEPS, check_model_sampling, model_family
 from .glue.sampling import sigma_range
 
 log = logging.getLogger("idfuse.nodes")
 
 CATEGORY = "IDFuse/identity tokens"
-
 
 
 class IDFuseLoadIDTokens:
@@ -63,13 +69,15 @@ class IDFuseEncodeWithID:
     def INPUT_TYPES(cls):
         return {"required": {
             "clip": ("CLIP", {"tooltip": "The SD1.5 or SDXL text encoder the identity was made for."}),
-            "id_tokens": ("ID_TOKENS", {"tooltip": "The identity, from IDFuse Load ID Tokens or the trainer."}),
+            "id_tokens": ("ID_TOKENS", {"tooltip": "The identity, from IDFuse Load ID Tokens or the trainer; or "
+                                                   "several, from IDFuse Combine ID Tokens."}),
             "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
-                                "tooltip": "The prompt. It must contain the identity's placeholder word; "
+                                "tooltip": "The prompt. It must contain the identity's placeholder word (with "
+                                           "several identities, each one's, e.g. 'sks and zwx shaking hands'); "
                                            "scenes, actions, attributes and styles work around it."}),
         }}
 
-    def encode(self, clip, id_tokens: IDTokens, text: str):
+    def encode(self, clip, id_tokens: IDTokens | IdentitySet, text: str):
         if clip is None:
             raise IDFuseInputError("The clip input is None: the checkpoint has no text encoder. Connect the CLIP of an "
                                    "SD1.5 or SDXL checkpoint.")
@@ -78,6 +86,38 @@ class IDFuseEncodeWithID:
         if pooled is not None:
             options["pooled_output"] = pooled
         return ([[plain, options]],)
+
+
+class IDFuseCombineIDTokens:
+    DESCRIPTION = ("Puts several identities into one prompt: id_tokens_a and id_tokens_b (either may itself be a "
+                   "combination, so any number can be chained) become one ID_TOKENS for IDFuse Encode With ID, "
+                   "whose prompt then names each placeholder ('sks and zwx shaking hands in Paris'). Each "
+                   "placeholder gets its own identity's vectors. Optional masks keep an identity inside its region: "
+                   "outside it, its placeholder is the plain initialiser word.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("ID_TOKENS",)
+    RETURN_NAMES = ("id_tokens",)
+    OUTPUT_TOOLTIPS = ("The identities of a and b, in that order (with their regions), for IDFuse Encode With ID.",)
+    FUNCTION = "combine"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "id_tokens_a": ("ID_TOKENS", {"tooltip": "An identity (IDFuse Load ID Tokens) or a combination."}),
+            "id_tokens_b": ("ID_TOKENS", {"tooltip": "Another identity, with a different placeholder word, made "
+                                                     "for the same model family."}),
+        }, "optional": {
+            "mask_a": ("MASK", {"tooltip": "Optional region of a (1 = inside; e.g. IDFuse Region Masks). For a "
+                                           "combination, the region of each of its identities without one. Off "
+                                           "when unconnected: the trained attention decides where it goes."}),
+            "mask_b": ("MASK", {"tooltip": "Optional region of b."}),
+        }}
+
+    def combine(self, id_tokens_a, id_tokens_b, mask_a=None, mask_b=None) -> tuple[IdentitySet]:
+        identities = combine([(id_tokens_a, mask_a, "id_tokens_a"), (id_tokens_b, mask_b, "id_tokens_b")])
+        log.info("Combined identities %s (placeholders %s)", identities.source,
+                 ", ".join(f"'{m.placeholder}'" for m in identities.members))
+        return (identities,)
 
 
 class IDFuseApplyIDTokens:
@@ -125,16 +165,20 @@ class IDFuseApplyIDTokens:
                                   sigma_start=sigma_start, sigma_end=sigma_end)
         patched = model.clone()
         patched.set_model_attn2_patch(patch)
+        if any(prompt.regions is not None for prompt in prompts):
+            install_token_regions(patched, family)
         return (patched,)
 
 
 NODE_CLASS_MAPPINGS = {
     "IDFuseLoadIDTokens": IDFuseLoadIDTokens,
     "IDFuseEncodeWithID": IDFuseEncodeWithID,
+    "IDFuseCombineIDTokens": IDFuseCombineIDTokens,
     "IDFuseApplyIDTokens": IDFuseApplyIDTokens,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "IDFuseLoadIDTokens": "IDFuse Load ID Tokens",
     "IDFuseEncodeWithID": "IDFuse Encode With ID",
+    "IDFuseCombineIDTokens": "IDFuse Combine ID Tokens",
     "IDFuseApplyIDTokens": "IDFuse Apply ID Tokens",
 }

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import TrainingError
-from ..unet import BlockKey, layer_grid
+from ..unet import BlockKey, layer_grid, masks_on_grid
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
@@ -128,11 +128,6 @@ class LayerProbe:
         if probes.collecting:
             probes.records.append(LayerRecord(self.key, grid, target, reference))
         return out
-
-
-def masks_on_grid(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(B, H, W) masks in [0, 1] -> (B, h*w): the share of each grid cell that is face."""
-    return F.adaptive_avg_pool2d(masks.unsqueeze(1).float(), grid).flatten(1)
 
 
 def face_share(records: Sequence[LayerRecord], masks: torch.Tensor) -> torch.Tensor:

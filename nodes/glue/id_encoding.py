@@ -7,11 +7,18 @@ encoders accept a tensor in place of a token id and use it as that position's wo
 from __future__ import annotations
 
 import torch
+from comfy.ldm.modules.attention import optimized_attention
 
-from ...models.errors import IDTokensError
+from ...models.errors import IDTokensError, NoFaceError
+from ...models.faces.images import rgb_photos
+from ...models.faces.masks import ellipse_mask
 from ...models.tokens.format import IDTokens
+from ...models.tokens.identity_set import IdentitySet, as_identity_set, segment_stages
 from ...models.tokens.patch import StageContextPatch, StageContexts, conflicting_prompts
+from ...models.tokens.regions import TokenRegionAttention, TokenRegions
+from ...models.unet import block_keys, cross_attention_path
 from .model_info import TOKENIZER_KEYS, clip_family
+from .training_masks import face_detector
 
 # The conditioning option under which IDFuse Encode With ID hands its per-stage contexts to Apply ID Tokens.
 STAGE_CONTEXTS = "idfuse_stage_contexts"
@@ -35,43 +42,88 @@ def _is_token(entry: tuple, token_id: int) -> bool:
     return isinstance(entry[0], int) and entry[0] == token_id
 
 
-def _spliced(tokens: dict, replacements: dict[str, tuple[int, object]]) -> dict:
-    """A copy of ``tokens`` where, per encoder key, token id ``old`` is replaced by ``new``."""
+def _spliced(tokens: dict, replacements: dict[str, dict[int, object]]) -> dict:
+    """A copy of ``tokens`` where, per encoder key, each token id ``old`` of ``replacements[key]`` is replaced by
+    its ``new`` (one pass, so a replacement is never replaced again)."""
     out = {}
     for key, chunks in tokens.items():
-        old, new = replacements[key]
-        out[key] = [[(new, *t[1:]) if _is_token(t, old) else t for t in chunk] for chunk in chunks]
+        table = replacements[key]
+        out[key] = [[(table[t[0]], *t[1:]) if isinstance(t[0], int) and t[0] in table else t for t in chunk]
+                    for chunk in chunks]
     return out
 
 
-def encode_with_identity(clip, text: str, id_tokens: IDTokens) -> tuple[torch.Tensor, torch.Tensor | None, StageContexts]:
-    """The plain conditioning (initialiser word), its pooled output, and the per-stage K/V contexts."""
+# Masked identities whose every subset is encoded (2^M encodings per segment and K/V): beyond this it gets slow.
+MAX_MASKED_IDENTITIES = 4
+
+
+def encode_with_identity(clip, text: str, id_tokens: IDTokens | IdentitySet
+                         ) -> tuple[torch.Tensor, torch.Tensor | None, StageContexts]:
+    """The plain conditioning (initialiser words), its pooled output, and the per-segment K/V contexts.
+
+    ``id_tokens`` is one identity or a set (IDFuse Combine ID Tokens); one identity is a set of one."""
+    identities = as_identity_set(id_tokens)
     tokens = clip.tokenize(text)
     family = clip_family(tokens)
-    id_tokens.check_family(family)
+    for member in identities.members:
+        member.check_family(family)
     names = TOKENIZER_KEYS[family]
-    placeholder = {k: single_token_id(clip, id_tokens.placeholder, k, "placeholder") for k in names}
-    initializer = {k: single_token_id(clip, id_tokens.initializer, k, "initialiser") for k in names}
-    for key in names:
-        if not any(_is_token(t, placeholder[key]) for chunk in tokens[key] for t in chunk):
-            raise IDTokensError(
-                f"The prompt (text) does not contain the placeholder word '{id_tokens.placeholder}' of identity "
-                f"tokens {id_tokens.source}. Write it where the person belongs, e.g. "
-                f"'a photo of {id_tokens.placeholder} {id_tokens.initializer} in a garden'.")
+    placeholders = [{k: single_token_id(clip, m.placeholder, k, "placeholder") for k in names}
+                    for m in identities.members]
+    initializers = [{k: single_token_id(clip, m.initializer, k, "initialiser") for k in names}
+                    for m in identities.members]
+    for member, placeholder in zip(identities.members, placeholders, strict=True):
+        for key in names:
+            if not any(_is_token(t, placeholder[key]) for chunk in tokens[key] for t in chunk):
+                raise IDTokensError(
+                    f"The prompt (text) does not contain the placeholder word '{member.placeholder}' of identity "
+                    f"tokens {member.source}. Write it where the person belongs, e.g. "
+                    f"'a photo of {member.placeholder} {member.initializer} in a garden'"
+                    + ("; with several identities, each placeholder once." if len(identities.members) > 1
+                       else "."))
+    masked = [i for i, mask in enumerate(identities.masks) if mask is not None]
+    if len(masked) > MAX_MASKED_IDENTITIES:
+        raise IDTokensError(f"{len(masked)} identities have a mask; at most {MAX_MASKED_IDENTITIES} can (every "
+                            f"combination of masks is encoded). Leave the masks of the others unconnected.")
 
-    def encode(replacement: dict[str, object]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        spliced = _spliced(tokens, {k: (placeholder[k], replacement[k]) for k in names})
+    def encode(vectors: list[dict[str, object]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The prompt with identity i's placeholder replaced by ``vectors[i]`` (a token id or a vector)."""
+        replacements = {k: {p[k]: v[k] for p, v in zip(placeholders, vectors, strict=True)} for k in names}
+        spliced = _spliced(tokens, replacements)
         with torch.no_grad():  # ComfyUI runs nodes in inference mode; other callers may not
             cond, pooled = clip.encode_from_tokens(spliced, return_pooled=True)
         return cond.float().cpu(), None if pooled is None else pooled.float().cpu()
 
-    plain, pooled = encode(initializer)
-    keys, values = [], []
-    for stage in range(id_tokens.num_stages):
-        keys.append(encode({k: id_tokens.keys[n][stage] for k, n in names.items()})[0])
-        values.append(encode({k: id_tokens.values[n][stage] for k, n in names.items()})[0])
-    contexts = StageContexts(family=family, placeholder=id_tokens.placeholder, plain=plain,
-                             keys=torch.cat(keys), values=torch.cat(values), source=id_tokens.source)
+    def stage_vectors(table: str, stages: tuple[int, ...], spliced: set[int]) -> list[dict[str, object]]:
+        return [{k: getattr(m, table)[n][stage] for k, n in names.items()} if i in spliced else initializers[i]
+                for i, (m, stage) in enumerate(zip(identities.members, stages, strict=True))]
+
+    def encode_segments(spliced: set[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = [encode(stage_vectors("keys", stages, spliced))[0] for stages in segments]
+        values = [encode(stage_vectors("values", stages, spliced))[0] for stages in segments]
+        return torch.cat(keys), torch.cat(values)
+
+    plain, pooled = encode(initializers)
+    everyone = set(range(len(identities.members)))
+    segments = segment_stages([m.num_stages for m in identities.members])
+    keys, values = encode_segments(everyone)
+    regions = None
+    if masked:
+        unmasked = everyone - set(masked)
+        subset_keys, subset_values = {}, {}
+        for subset in range((1 << len(masked)) - 1):  # every subset but the full one (that is keys/values)
+            spliced = unmasked | {i for bit, i in enumerate(masked) if subset >> bit & 1}
+            if not spliced:  # nobody spliced: the plain prompt in every segment
+                subset_keys[subset] = subset_values[subset] = plain.expand(len(segments), -1, -1)
+            else:
+                subset_keys[subset], subset_values[subset] = encode_segments(spliced)
+        regions = TokenRegions(identities=tuple(masked), masks=tuple(identities.masks[i] for i in masked),
+                               keys=subset_keys, values=subset_values)
+    members = identities.members
+    contexts = StageContexts(family=family, placeholder=members[0].placeholder, plain=plain, keys=keys,
+                             values=values, source=identities.source,
+                             placeholders=tuple(m.placeholder for m in members),
+                             stage_counts=tuple(m.num_stages for m in members), segments=segments, regions=regions)
     return plain, pooled, contexts
 
 
@@ -106,3 +158,31 @@ def check_distinguishable(model, prompts: list[StageContexts]) -> None:
         f"recognises a prompt only by that encoding, so the same rows would get both identities. Change a word "
         f"outside the placeholder in one of the prompts (e.g. 'a photo of sks person' -> 'a portrait of sks "
         f"person').")
+
+
+def install_token_regions(model, family: str) -> None:
+    """Give every cross-attention layer of ``model`` (a clone) the token regions' attention, which reads the
+    plan the context patch leaves for prompts with masks."""
+    diffusion_model = model.get_model_object("diffusion_model")
+    layers, downscales = {}, {}
+    for key in block_keys(family):
+        attn2 = model.get_model_object(f"diffusion_model.{cross_attention_path(diffusion_model, key)}")
+        layers[key.key] = (attn2.to_k, attn2.to_v)
+        downscales[key.key] = key.downscale
+    regions = TokenRegionAttention(optimized_attention, layers, downscales)
+    for key in layers:
+        model.set_model_attn2_replace(regions, *key)
+
+
+def layout_face_masks(layout_image: torch.Tensor, face_analysis=None) -> list[torch.Tensor]:
+    """Face masks (H, W) of every face in the first picture of ``layout_image``, left to right, with the
+    connected face backend's detector or the built-in one."""
+    detector = face_detector(face_analysis)
+    picture = rgb_photos(layout_image[:1], "layout_image")[0]
+    faces = detector.detect(picture)
+    if not len(faces):
+        raise NoFaceError(f"No face found in layout_image by the {detector.name}. Use a layout picture with "
+                          f"clear faces, connect IDFuse Load Face Analysis to face_analysis, or choose a split "
+                          f"layout.")
+    height, width = picture.shape[:2]
+    return [ellipse_mask(height, width, tuple(float(v) for v in box)) for box in faces.boxes]

@@ -26,11 +26,10 @@ from ...models.training.lora import lora_hooks
 from ...models.training.losses import attention_loss_for
 from ...models.training.photos import prepare_photos, training_variants
 from ...models.training.plots import render_attention_panels, render_loss_curve
-from ...models.training.probes import masks_on_grid
 from ...models.training.report import final_losses, training_report
 from ...models.training.settings import TrainingSettings
 from ...models.training.token_trainer import Evaluation, Host, IdentityTrainer, PromptTable, TrainingData
-from ...models.unet import FAMILY_NAMES
+from ...models.unet import FAMILY_NAMES, masks_on_grid
 from .lora_files import load_adapters, lora_layers, model_with_lora, new_adapters, save_lora
 from .model_info import TRAINING_TIMESTEPS, check_model_sampling, clip_family, model_family
 from .training_files import (

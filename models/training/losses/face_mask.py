@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..probes import LayerRecord, masks_on_grid
+from ...unet import masks_on_grid
+from ..probes import LayerRecord
 from .base import AttentionLoss
 
 
