@@ -21,7 +21,8 @@ STREAM_INPUTS = {
     "positive": ("CONDITIONING", {"tooltip": "The prompt: scene, style, action. Used by both streams."}),
     "negative": ("CONDITIONING", {"tooltip": "The negative prompt, used by both streams."}),
     "id_encoder": ("ID_ENCODER", {"tooltip": "From IDFuse Load ID Encoder."}),
-    "id_embeds": ("ID_EMBEDS", {"tooltip": "From IDFuse Face Embed."}),
+    "id_embeds": ("ID_EMBEDS", {"tooltip": "From IDFuse Face Embed (one person), Mix ID Embeds (a mix of people) or "
+                                           "Combine ID Embeds (several people, each inside its mask)."}),
 }
 CFG_INPUT = ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
                        "tooltip": "Classifier-free guidance scale, applied to each stream."})
