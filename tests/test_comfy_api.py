@@ -141,6 +141,7 @@ CALLS: tuple[Call, ...] = (
     Call(f"{MP}.set_model_attn2_patch", 1, method=True),
     Call(f"{MP}.set_model_attn2_replace", 4, method=True),  # patch, block name, block id, transformer index
     Call(f"{MP}.set_model_attn1_replace", 4, method=True),
+    Call(f"{MP}.set_model_unet_function_wrapper", 1, method=True),  # IDFuse Attention Map's per-call recording
     Call(f"{MP}.get_model_object", 1, method=True),
     Call(f"{MP}.add_patches", 2, method=True),
     Call(f"{MP}.set_model_compute_dtype", 1, method=True, optional=True),
@@ -174,6 +175,8 @@ CALLS: tuple[Call, ...] = (
     Call("comfy.clip_vision.ClipVisionModel.encode_image", 1, method=True),
     Call("comfy.clip_vision.load", 1, token="comfy.clip_vision.load("),
     Call("comfy.sd.load_checkpoint_guess_config", 1, ("output_vae", "output_clip")),
+    Call("comfy.sd.save_checkpoint", 2),  # the tests' tiny checkpoint files (tests/support/tiny_checkpoint.py)
+    Call("comfy.utils.state_dict_prefix_replace", 2, ("filter_keys",)),  # prepare_faces --vae from a checkpoint
     Call("comfy.k_diffusion.sampling.default_noise_sampler", 1),
     Call("comfy.k_diffusion.sampling.BrownianTreeNoiseSampler", 3, ("seed", "cpu")),
     Call("folder_paths.get_filename_list", 1, needs_full=True),
@@ -194,6 +197,7 @@ ATTRIBUTES: tuple[str, ...] = (
     "comfy.sd1_clip.SD1Tokenizer", "comfy.sdxl_clip.SDXLClipModel", "comfy.sdxl_clip.SDXLTokenizer",
     "comfy.ldm.models.autoencoder.AutoencoderKL", "comfy.sd.load_lora_for_models",
     "comfy.options.enable_args_parsing", "comfy.cli_args",
+    "comfy.supported_models.models",  # the tests register their tiny UNet's config there
 )
 FULL_ONLY_ATTRIBUTES: tuple[str, ...] = (
     "folder_paths.models_dir", "folder_paths.folder_names_and_paths",
@@ -445,6 +449,44 @@ def test_custom_transformer_options_reach_the_patches(sd15):
     assert seen and all(s == "passed" for s in seen), (
         f"Keys the caller puts into transformer_options no longer reach extra_options of attn2 patches (saw {seen[:3]});"
         f" the trainer passes its values context that way ({where}, {usage('VALUES_CONTEXT')}).")
+
+
+def test_unet_function_wrapper_convention(sd15):
+    """IDFuse Attention Map records through a model function wrapper that adds a per-call attn2 patch."""
+    from factories import sample
+
+    model = sd15.clone()
+    seen: list = []
+    reached: list = []
+
+    class Observe:
+        def __deepcopy__(self, memo):
+            return self
+
+        def __call__(self, n, context, value, extra_options):
+            reached.append(True)
+            return n, context, value
+
+    def wrapper(apply_model, args):
+        seen.append(sorted(args))
+        options = args["c"]["transformer_options"]
+        c = dict(args["c"])
+        c["transformer_options"] = dict(options)
+        patches = dict(options.get("patches", {}))
+        patches["attn2_patch"] = [*patches.get("attn2_patch", []), Observe()]
+        c["transformer_options"]["patches"] = patches
+        return apply_model(args["input"], args["timestep"], **c)
+
+    model.set_model_unet_function_wrapper(wrapper)
+    positive = [[torch.zeros(1, 77, 768), {}]]
+    negative = [[torch.zeros(1, 77, 768), {}]]
+    sample(model, positive, negative, steps=1)
+    where = usage("set_model_unet_function_wrapper")
+    assert seen and seen[0] == ["c", "cond_or_uncond", "input", "timestep"], (
+        f"model_function_wrapper is no longer called as wrapper(apply_model, {{'input', 'timestep', 'c', "
+        f"'cond_or_uncond'}}); got keys {seen[:1]}. IDFuse Attention Map relies on it ({where}).")
+    assert reached, (f"An attn2_patch added to c['transformer_options']['patches'] inside a model function wrapper "
+                     f"no longer reaches the transformer blocks; IDFuse Attention Map records that way ({where}).")
 
 
 # extra_conds does not depend on the UNet's depth: an SDXL with one transformer per attention block.

@@ -34,3 +34,13 @@ def draw_faces(rgb: np.ndarray, faces: DetectedFaces, chosen: int | None) -> np.
         for (x, y), point_colour in zip(face.keypoints, KEYPOINT_COLOURS, strict=True):
             draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=point_colour)
     return np.array(picture, dtype=np.uint8)  # a writable copy, for torch.from_numpy
+
+
+def label_font(size: int):
+    """Pillow's default font at ``size`` px, for labels drawn on previews."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow < 10.1 or without FreeType: the fixed small bitmap font
+        return ImageFont.load_default()

@@ -22,7 +22,7 @@ from ..errors import FaceAnalysisError, IDFuseInputError, NoFaceError
 from .dlib import unit_distance_threshold
 from .embed import embed_faces
 from .images import rgb_photos, rgb_uint8
-from .preview import CHOSEN_COLOUR, NO_FACE_COLOUR, OTHER_COLOUR, draw_faces
+from .preview import CHOSEN_COLOUR, NO_FACE_COLOUR, OTHER_COLOUR, draw_faces, label_font
 from .types import Box, DetectedFaces, Face, FaceBackend, FaceEmbedding
 
 log = logging.getLogger("idfuse.faces")
@@ -274,15 +274,6 @@ def score_table(scores: Sequence[ImageScore], order: Sequence[int], reference: R
     return "\n".join(lines)
 
 
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow < 10.1 or without FreeType: the fixed small bitmap font
-        return ImageFont.load_default()
-
-
 def score_label(score: ImageScore, face: int) -> str:
     """The text written on a face in the preview: its similarity, and its distance where the space has one."""
     text = f"{score.similarities[face]:.2f}"
@@ -299,7 +290,7 @@ def draw_scores(rgb: np.ndarray, score: ImageScore) -> np.ndarray:
     picture = Image.fromarray(draw_faces(rgb, score.faces, score.best))
     draw = ImageDraw.Draw(picture)
     side = max(rgb.shape[:2])
-    font = _font(max(10, round(side / 28)))
+    font = label_font(max(10, round(side / 28)))
     if not score.found:
         draw.text((4, 4), NO_FACE, fill=NO_FACE_COLOUR, font=font)
     for index in range(len(score.faces)):
