@@ -1,11 +1,14 @@
-"""Cost of Infinite-ID sampling: plain, ID cross-attention only, and two streams, in the same run.
+"""Cost of Infinite-ID sampling: plain, ID cross-attention only, two streams, and regional two streams with two
+identities (left and right half), in the same run.
 
 Random-weight UNet of the real SD1.5 layout (full width), 256x256, CFG with a negative prompt,
 a few euler steps; runs interleaved, median of each. ID keys/values are random (4 tokens per
 layer, as IP-Adapter FaceID); the cost does not depend on their values. The last line printed is
-a JSON object: plain_s, id_attention_s, two_stream_s, id_attention_ratio, ratio (two-stream / plain).
+a JSON object: plain_s, id_attention_s, two_stream_s, regional_two_s, id_attention_ratio, ratio (two-stream /
+plain), regional_ratio (two identities in their regions / one identity everywhere, both two-stream).
+``--runs`` picks some of plain, id_attention, two_stream, regional_two (ratios need both of their runs).
 
-    python bench/infinite_overhead.py [--steps 3] [--repeats 3]
+    python bench/infinite_overhead.py [--steps 3] [--repeats 3] [--runs two_stream regional_two]
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--runs", nargs="+", default=["plain", "id_attention", "two_stream", "regional_two"])
     args = parser.parse_args()
 
     comfy_env.setup_comfy()
@@ -35,7 +39,7 @@ def main() -> None:
     from comfy.ldm.modules.attention import optimized_attention
     from factories import make_model, random_id_layers
 
-    from comfyui_idfuse.models.infinite_id.attention import IDCrossAttention
+    from comfyui_idfuse.models.infinite_id.attention import IDCrossAttention, RegionMasks
     from comfyui_idfuse.models.infinite_id.settings import InfiniteIDSettings
     from comfyui_idfuse.models.unet import block_keys
     from comfyui_idfuse.nodes.glue.infinite_id import TwoStreamGuider, two_stream_model
@@ -46,7 +50,12 @@ def main() -> None:
     cross = IDCrossAttention(optimized_attention, layers, 1.0, two_streams=False)
     for key in block_keys("sd15"):
         one_stream.set_model_attn2_replace(cross, *key.key)
-    two = two_stream_model(model, layers, InfiniteIDSettings(id_weight=1.0, mixing=True, mix_blocks="all"))
+    settings = InfiniteIDSettings(id_weight=1.0, mixing=True, mix_blocks="all")
+    two = two_stream_model(model, layers, settings)
+    halves = torch.zeros(2, args.size, args.size)
+    halves[0, :, : args.size // 2], halves[1, :, args.size // 2:] = 1.0, 1.0
+    regional = two_stream_model(model, [layers, random_id_layers(model, "sd15", seed=1)], settings,
+                                RegionMasks(halves))
 
     gen = torch.Generator().manual_seed(0)
     positive, negative = [[torch.randn(1, 77, 768, generator=gen), {}]], [[torch.randn(1, 77, 768, generator=gen), {}]]
@@ -65,7 +74,9 @@ def main() -> None:
 
     runs = {"plain": lambda: timed(comfy.samplers.CFGGuider(model)),
             "id_attention": lambda: timed(comfy.samplers.CFGGuider(one_stream)),
-            "two_stream": lambda: timed(TwoStreamGuider(two))}
+            "two_stream": lambda: timed(TwoStreamGuider(two)),
+            "regional_two": lambda: timed(TwoStreamGuider(regional))}
+    runs = {name: run for name, run in runs.items() if name in args.runs}
     for run in runs.values():  # warm-up
         run()
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -74,12 +85,14 @@ def main() -> None:
             times[name].append(run())
         print(f"repeat {i + 1}: " + ", ".join(f"{n} {t[-1]:.3f} s" for n, t in times.items()), flush=True)
     med = {name: statistics.median(t) for name, t in times.items()}
-    print(json.dumps({"plain_s": round(med["plain"], 4), "id_attention_s": round(med["id_attention"], 4),
-                      "two_stream_s": round(med["two_stream"], 4),
-                      "id_attention_ratio": round(med["id_attention"] / med["plain"], 4),
-                      "ratio": round(med["two_stream"] / med["plain"], 4), "steps": args.steps, "size": args.size,
-                      "repeats": args.repeats, "torch_threads": torch.get_num_threads()}))
 
+    def ratio(numerator: str, denominator: str) -> float | None:
+        return round(med[numerator] / med[denominator], 4) if numerator in med and denominator in med else None
+
+    print(json.dumps({**{f"{name}_s": round(t, 4) for name, t in med.items()},
+                      "id_attention_ratio": ratio("id_attention", "plain"), "ratio": ratio("two_stream", "plain"),
+                      "regional_ratio": ratio("regional_two", "two_stream"), "steps": args.steps, "size": args.size,
+                      "repeats": args.repeats, "torch_threads": torch.get_num_threads()}))
 
 if __name__ == "__main__":
     main()

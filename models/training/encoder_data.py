@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import IDFuseInputError
+from ..errors import IDFuseInputError, TrainingError
 from . import face_shards
 
 log = logging.getLogger("idfuse.training")
@@ -270,7 +270,7 @@ class PairLoader:
     def __init__(self, dataset_dir: str | Path, plan: PairPlan, share: ProcessShare,
                  prefetch: int = PREFETCH_MICRO_BATCHES):
         if share.global_batch != plan.global_batch:
-            raise ValueError(f"the process share makes global batches of {share.global_batch}, the plan "
+            raise TrainingError(f"the process share makes global batches of {share.global_batch}, the plan "
                              f"{plan.global_batch}")
         self.dataset_dir, self.plan, self.share, self.prefetch = Path(dataset_dir), plan, share, prefetch
 

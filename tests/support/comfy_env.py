@@ -132,8 +132,11 @@ def find_comfy() -> ComfyInstall:
 _SETUP: ComfyInstall | None = None
 
 
-def setup_comfy() -> ComfyInstall:
-    """Put ComfyUI's core on sys.path, tell it it runs on a CPU, import the pack. Idempotent."""
+def setup_comfy(extra_args: tuple[str, ...] = ()) -> ComfyInstall:
+    """Put ComfyUI's core on sys.path, tell it it runs on a CPU, import the pack. Idempotent.
+
+    extra_args: further ComfyUI command-line arguments, read only by the first call of a process (e.g. the
+    encoder-training benchmark's ``--use-pytorch-cross-attention``, as the training script sets on a CPU)."""
     global _SETUP
     if _SETUP is not None:
         return _SETUP
@@ -148,7 +151,7 @@ def setup_comfy() -> ComfyInstall:
 
         comfy.options.enable_args_parsing()
         saved = sys.argv
-        sys.argv = [saved[0], "--cpu"]
+        sys.argv = [saved[0], "--cpu", *extra_args]
         try:
             import comfy.cli_args  # noqa: F401  (parses --cpu)
         finally:
