@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 
 import comfy_env  # noqa: E402
+from timing import interleaved_medians  # noqa: E402
 
 TEXT = "a photo of sks person and zwx person in a garden"
 
@@ -61,14 +61,7 @@ def main() -> None:
         return time.perf_counter() - start_time
 
     runs = {"off": lambda: timed(model), "on": lambda: timed(patched)}
-    for run in runs.values():  # warm-up
-        run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for i in range(args.repeats):
-        for name, run in runs.items():
-            times[name].append(run())
-        print(f"repeat {i + 1}: " + ", ".join(f"{n} {t[-1]:.3f} s" for n, t in times.items()), flush=True)
-    med = {name: statistics.median(t) for name, t in times.items()}
+    med = interleaved_medians(runs, args.repeats)
     print(json.dumps({"off_s": round(med["off"], 4), "on_s": round(med["on"], 4),
                       "ratio": round(med["on"] / med["off"], 4), "recorded_steps": record.steps,
                       "layers": f"{layers} ({len(record.layers)})", "window": [start, end], "steps": args.steps,

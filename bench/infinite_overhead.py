@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 
 import comfy_env  # noqa: E402
+from timing import interleaved_medians  # noqa: E402
 
 
 def main() -> None:
@@ -77,14 +77,7 @@ def main() -> None:
             "two_stream": lambda: timed(TwoStreamGuider(two)),
             "regional_two": lambda: timed(TwoStreamGuider(regional))}
     runs = {name: run for name, run in runs.items() if name in args.runs}
-    for run in runs.values():  # warm-up
-        run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for i in range(args.repeats):
-        for name, run in runs.items():
-            times[name].append(run())
-        print(f"repeat {i + 1}: " + ", ".join(f"{n} {t[-1]:.3f} s" for n, t in times.items()), flush=True)
-    med = {name: statistics.median(t) for name, t in times.items()}
+    med = interleaved_medians(runs, args.repeats)
 
     def ratio(numerator: str, denominator: str) -> float | None:
         return round(med[numerator] / med[denominator], 4) if numerator in med and denominator in med else None

@@ -16,12 +16,6 @@ def unet():
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These models are tiny: one thread runs them as fast, and on a busy machine several threads fight over
-    the cores (measured: 0.4 s against 18 s a step on 2 shared cores). Restored after each test."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
+    """Every test here runs with one torch thread (tests/conftest.py one_torch_thread)."""
     yield
-    torch.set_num_threads(threads)

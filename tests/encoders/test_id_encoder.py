@@ -64,13 +64,7 @@ def image_proj_weights(ckpt: Checkpoint, prefix: str = "image_proj.") -> dict[st
     return {k.removeprefix(prefix): t.float() for k, t in ckpt.tensors.items() if k.startswith(prefix)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tests run many tiny matrix products, which thread hand-offs slow down 100-fold on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -38,13 +38,7 @@ def script():
     sys.modules.pop(spec.name, None)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread while these tests train: on a busy shared CPU, spinning threads slow a tiny model down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
