@@ -428,6 +428,24 @@ class EncoderRun:
 
     # -- validation --
 
+    def scoring_backend(self):
+        """The dataset's own face backend, to score the validation images, when it needs no model folder (dlib's
+        models ship in a package); an insightface pack's folder is not given to training, so then no scores."""
+        if not hasattr(self, "_scoring_backend"):
+            from comfyui_idfuse.models import faces
+            from comfyui_idfuse.models.errors import FaceAnalysisError
+
+            name, self._scoring_backend = self.index.get("backend"), None
+            try:
+                kind = faces.backend_kind(name)
+            except FaceAnalysisError:
+                kind = None
+            if kind is None or kind.model_folder:
+                main_log.info("Validation images are not scored: the dataset's face backend %r is not built in", name)
+            else:
+                self._scoring_backend = faces.load_backend(name, lambda folder: [], "CPU", 640)
+        return self._scoring_backend
+
     def validate(self, step: int) -> None:
         if not self.held_out:
             return
@@ -435,21 +453,17 @@ class EncoderRun:
             main_log.info("Validation at step %d skipped: --checkpoint %s has no %s", step, self.args.checkpoint,
                      "text encoder" if self.clip is None else "VAE")
             return
-        try:
-            from comfyui_idfuse.nodes.glue.encoder_validation import sample_reference, validation_grid
-        except ImportError as e:
-            main_log.info("Validation at step %d skipped: validation images are not available (%s)", step, e)
-            return
         if not self.accelerator.is_main_process:
             return
         from comfyui_idfuse.models.training import encoder_data
+        from comfyui_idfuse.nodes.glue.encoder_validation import sample_reference, validation_grid
 
         references = [sample_reference(s, 0, self.clip_uncond)
                       for s in encoder_data.read_identities(self.data, [i.name for i in self.held_out])]
         encoder = self.accelerator.unwrap_model(self.module).encoder
         grid, scores = validation_grid(self.model, self.clip, self.vae, encoder, references, self.prompts,
                                        self.settings.seed, self.args.validation_sampling_steps,
-                                       self.args.validation_size)
+                                       self.args.validation_size, backend=self.scoring_backend())
         tracker = self.accelerator.get_tracker("tensorboard", unwrap=True)
         tracker.add_image("validation", grid[0].clamp(0, 1).numpy(), step, dataformats="HWC")
         if scores:

@@ -130,8 +130,18 @@ def test_e2e_encoder_training_prepare_train_and_sample(comfy_client, comfyui_pat
 
     run_script("train_id_encoder.py", ["--checkpoint", str(sd15_checkpoint), "--data", str(data), "--output", str(run),
                                        "--steps", str(STEPS), "--batch-size", "1", "--save-every", str(STEPS),
-                                       "--validation-identities", "0", "--validate-every", "0", "--log-every", "1"],
+                                       "--validation-identities", "1", "--validate-every", str(STEPS),
+                                       "--validation-size", "64", "--validation-sampling-steps", "1", "--log-every", "1"],
                comfyui_path)
+    # The held-out identity's validation grid went to TensorBoard, scored with the dataset's dlib backend.
+    events = list(run.rglob("events.out.tfevents*"))
+    assert events, f"no TensorBoard event file under {run}"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(events[0].parent), size_guidance={"images": 0, "scalars": 0})
+    accumulator.Reload()
+    assert "validation" in accumulator.Tags()["images"], accumulator.Tags()
+    assert "validation/identity_score" in accumulator.Tags()["scalars"], accumulator.Tags()
     exported = run / "idfuse_encoder.safetensors"
     metadata = read_metadata(exported)
     assert metadata["format"] == "idfuse.id_encoder" and metadata["model_family"] == "sd15"
