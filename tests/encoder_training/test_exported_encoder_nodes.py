@@ -5,14 +5,13 @@ latents, an ID stream that is not the text stream and that follows the face."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from factories import make_model
+from script_launcher import imported_script
 from tiny_checkpoint import register_tiny_models, unregister_tiny_models, write_tiny_checkpoint, write_tiny_dataset
 
 from comfyui_idfuse.models.faces.types import DLIB_RESNET_128
@@ -31,21 +30,6 @@ STEPS = 2
 CFG = 5.0
 
 
-def load_script():
-    scripts = str(PACK / "scripts")
-    if scripts not in sys.path:
-        sys.path.insert(0, scripts)
-    spec = importlib.util.spec_from_file_location("train_id_encoder_for_node_tests",
-                                                  PACK / "scripts" / "train_id_encoder.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    try:
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.modules.pop(spec.name, None)
-
-
 @pytest.fixture(scope="module")
 def exported_encoder(tmp_path_factory) -> str:
     """The script's exported encoder, copied into models/idfuse/encoders; its name in the loader's list."""
@@ -58,9 +42,10 @@ def exported_encoder(tmp_path_factory) -> str:
     try:
         checkpoint = write_tiny_checkpoint(root / "tiny_sd15.safetensors")  # factories.make_model("sd15", seed=0)
         data = write_tiny_dataset(root / "faces", [[2, 2], [2, 2]])
-        code = load_script().main(["--checkpoint", str(checkpoint), "--data", str(data), "--output", str(root / "run"),
-                                   "--cpu", "--steps", "2", "--save-every", "0", "--validate-every", "0",
-                                   "--batch-size", "2", "--validation-identities", "1", *SMALL_ENCODER])
+        with imported_script("train_id_encoder", "train_id_encoder_for_node_tests") as script:
+            code = script.main(["--checkpoint", str(checkpoint), "--data", str(data), "--output", str(root / "run"),
+                                "--cpu", "--steps", "2", "--save-every", "0", "--validate-every", "0",
+                                "--batch-size", "2", "--validation-identities", "1", *SMALL_ENCODER])
     finally:
         torch.set_num_threads(threads)
         unregister_tiny_models()

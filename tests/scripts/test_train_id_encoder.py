@@ -4,16 +4,15 @@ Ctrl-C handling, prompts and VAE encoding. The multi-process runs are in test_ac
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import logging
-import sys
 import types
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
+from script_launcher import imported_script
 from tiny_checkpoint import register_tiny_models, unregister_tiny_models, write_tiny_checkpoint, write_tiny_dataset
 
 from comfyui_idfuse.models.errors import IDFuseInputError
@@ -27,15 +26,8 @@ SMALL_ENCODER = ["--clip-mapper-dim", "64", "--clip-mapper-depth", "1", "--face-
 
 @pytest.fixture(scope="module")
 def script():
-    scripts = str(PACK / "scripts")
-    if scripts not in sys.path:
-        sys.path.insert(0, scripts)
-    spec = importlib.util.spec_from_file_location("train_id_encoder_under_test", PACK / "scripts" / "train_id_encoder.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with imported_script("train_id_encoder", "train_id_encoder_under_test") as module:
+        yield module
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -4,18 +4,17 @@ SDXL-topology checkpoint."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from ip_adapter_files import FITS_TEST_UNETS, write_faceid
 from safetensors import safe_open
+from script_launcher import imported_script
 from tiny_checkpoint import (
     TINY_MODEL_CHANNELS,
     register_tiny_models,
@@ -41,16 +40,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def script():
-    scripts = str(PACK / "scripts")
-    if scripts not in sys.path:
-        sys.path.insert(0, scripts)
-    spec = importlib.util.spec_from_file_location("train_id_encoder_paths_under_test",
-                                                  PACK / "scripts" / "train_id_encoder.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with imported_script("train_id_encoder", "train_id_encoder_paths_under_test") as module:
+        yield module
 
 
 @pytest.fixture(scope="module")

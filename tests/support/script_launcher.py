@@ -10,11 +10,32 @@ the remaining arguments, its folder first on ``sys.path`` as ``python <script>``
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import runpy
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import ModuleType
 
 SUPPORT_DIR = os.path.dirname(os.path.abspath(__file__))
+SCRIPTS_DIR = os.path.join(os.path.dirname(os.path.dirname(SUPPORT_DIR)), "scripts")
+
+
+@contextmanager
+def imported_script(name: str, module_name: str) -> Iterator[ModuleType]:
+    """``scripts/<name>.py`` imported in-process as ``module_name`` (its folder on sys.path, as ``python <script>``
+    has it), for tests that call its functions; unregistered afterwards."""
+    if SCRIPTS_DIR not in sys.path:
+        sys.path.insert(0, SCRIPTS_DIR)
+    spec = importlib.util.spec_from_file_location(module_name, os.path.join(SCRIPTS_DIR, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
 
 
 def main(argv: list[str]) -> None:
