@@ -15,7 +15,7 @@ import torch
 from ..models.tokens.generator import GeneratorConfig
 from ..models.training.losses import ATTENTION_MODES
 from ..models.training.photos import AUGMENTATIONS
-from ..models.training.settings import DEFAULT_SAVE_NAME, LR_SCHEDULES, TRAINING_DTYPES, TrainingSettings
+from ..models.training.settings import DEFAULT_SAVE_NAME, DEFAULTS, LR_SCHEDULES, TRAINING_DTYPES, TrainingSettings
 from .glue.folders import ID_TOKENS_FOLDER
 from .glue.lora_files import LORA_TARGET_CHOICES
 from .glue.training_files import (
@@ -25,12 +25,15 @@ from .glue.training_files import (
 from .glue.training_masks import face_masks, mask_preview
 from .glue.training_options import (
     LOSS_LAYER_CHOICES,
+    available_optimizers,
     boolean_input,
     check_generator_width,
+    check_optimizer,
     choice_input,
     number_input,
     parse_lora_targets,
     parse_loss_layers,
+    parse_sample_prompts,
     parse_templates,
     text_input,
 )
@@ -40,6 +43,7 @@ log = logging.getLogger("idfuse.nodes")
 
 CATEGORY = "IDFuse/training"
 OPTIONS_TYPE = "IDFUSE_TRAINING_OPTIONS"
+PHOTOS_TYPE = "IDFUSE_TRAINING_PHOTOS"
 
 
 # --- the nodes --------------------------------------------------------------------------------
@@ -54,8 +58,8 @@ class IDFuseTrainIdentity:
                    "models/idfuse/tokens/<save_name>.safetensors (+ .trainstate, .report.json) and "
                    "models/loras/<save_name>.safetensors.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("ID_TOKENS", "MODEL", "STRING", "IMAGE", "IMAGE", "STRING")
-    RETURN_NAMES = ("id_tokens", "model", "files", "loss_curve", "attention_maps", "report")
+    RETURN_TYPES = ("ID_TOKENS", "MODEL", "STRING", "IMAGE", "IMAGE", "STRING", "IMAGE")
+    RETURN_NAMES = ("id_tokens", "model", "files", "loss_curve", "attention_maps", "report", "samples")
     OUTPUT_TOOLTIPS = (
         "The learned identity; connect to IDFuse Encode With ID.",
         "The input model with the trained LoRA applied (the input model itself when lora_rank is 0).",
@@ -64,6 +68,8 @@ class IDFuseTrainIdentity:
         "Per photo: the photo, then the placeholder's attention at the loss layers before and after training, "
         "with the share inside the face mask.",
         "Settings, steps, final losses and the face-attention share before/after (also saved as JSON).",
+        "Sample images (Training Options' sample_prompts) as one grid: a row per prompt, a column per sampling "
+        "round, so you see when the identity appears and when it starts to override the prompt.",
     )
     FUNCTION = "train"
 
@@ -74,16 +80,15 @@ class IDFuseTrainIdentity:
             "model": ("MODEL", {"tooltip": "The SD1.5 or SDXL model to learn the identity for (stays frozen)."}),
             "clip": ("CLIP", {"tooltip": "Its text encoder (stays frozen)."}),
             "vae": ("VAE", {"tooltip": "Its VAE, to encode the photos."}),
-            "images": ("IMAGE", {"tooltip": "1-10 photos of the person, face clearly visible. Resized to the "
-                                            "options' resolution."}),
             "placeholder": text_input("placeholder", "The new word for the person; must be one token (rare words "
                                                      "such as 'sks' are)."),
             "initializer": text_input("initializer", "A one-token word the identity starts from and that the "
                                                      "reference prompt uses."),
             "steps": number_input("steps", "Total optimiser steps (ProSpect's ~600). When resuming, training "
                                            "continues up to this number."),
-            "learning_rate": number_input("learning_rate", "Adam learning rate (ProSpect default 1e-4).",
-                                          round=False),
+            "learning_rate": number_input("learning_rate", (
+                "Learning rate (ProSpect's 1e-4 with AdamW). With the Prodigy optimiser (Training Options) set 1.0: "
+                "Prodigy finds the step size itself and this only scales it."), round=False),
             "attention_weight": number_input("attention_weight", (
                 "λ in loss = diffusion + λ·attention. 0.003 is the paper's choice: 1e-4 lets the token take over "
                 "the image, ≥ 0.01 loses the identity."), round=False),
@@ -98,22 +103,36 @@ class IDFuseTrainIdentity:
                 "Continue a run from its token file (with its LoRA and .trainstate). Use the same settings and "
                 "photos; save_name may be the same file.")}),
         }, "optional": {
+            "images": ("IMAGE", {"tooltip": "1-10 photos of the person, face clearly visible. Resized to the "
+                                            "options' resolution. Or connect training_photos instead."}),
             "masks": ("MASK", {"tooltip": "Face masks, one per photo (or one for all), 1 = face. Resized to the "
                                "photos. Without them a face detector makes them."}),
             "face_analysis": ("FACE_ANALYSIS", {"tooltip": "A face backend (IDFuse Load Face Analysis) to find faces "
                                                 "when no masks are given; else the built-in dlib HOG detector."}),
             "options": (OPTIONS_TYPE, {"tooltip": "The other training settings, from IDFuse Training Options; "
                                                   "without it every one has its default."}),
+            "validation_images": ("IMAGE", {"tooltip": (
+                "A held-out photo of the person (not trained on) for the validation loss (Training Options' "
+                "validation_loss); without it the last training photo is held out.")}),
+            "training_photos": (PHOTOS_TYPE, {"tooltip": (
+                "Photos from IDFuse Load Training Photos (a folder, any sizes, optional .txt captions): cropped "
+                "around the face at the training resolution, never squashed. Use instead of images.")}),
         }}
 
-    def train(self, model, clip, vae, images, placeholder: str, initializer: str, steps: int, learning_rate: float,
-              attention_weight: float, lora_rank: int, seed: int, save_name: str, resume_from: str, masks=None,
-              face_analysis=None, options: dict | None = None):
+    # images stays the fourth parameter (it was the fourth input before 0.5.0 made it optional); ComfyUI passes
+    # every input by name.
+    def train(self, model, clip, vae, images=None, placeholder: str = DEFAULTS.placeholder,
+              initializer: str = DEFAULTS.initializer, steps: int = DEFAULTS.steps,
+              learning_rate: float = DEFAULTS.learning_rate, attention_weight: float = DEFAULTS.attention_weight,
+              lora_rank: int = DEFAULTS.lora_rank, seed: int = DEFAULTS.seed, save_name: str = DEFAULT_SAVE_NAME,
+              resume_from: str = NO_RESUME, masks=None, face_analysis=None, options: dict | None = None,
+              validation_images=None, training_photos=None):
         settings = TrainingSettings(
             placeholder=placeholder.strip(), initializer=initializer.strip(), steps=steps, learning_rate=learning_rate,
             attention_weight=attention_weight, lora_rank=lora_rank, seed=seed, **(options or {}))
         with torch.inference_mode(False), torch.enable_grad():
-            return TrainingRun(model, clip, vae, settings, save_name, resume_from).run(images, masks, face_analysis)
+            outputs = TrainingRun(model, clip, vae, settings, save_name, resume_from).run(images, masks, face_analysis)
+        return (*outputs, torch.zeros(1, 64, 64, 3))  # samples: placeholder until sample images land
 
 
 class IDFuseTrainingOptions:
@@ -181,13 +200,34 @@ class IDFuseTrainingOptions:
                 "probabilities gives the tokens ~1000× less gradient than the face_mask term at the same λ "
                 "(measured); 1 = the weighting before 0.3.0. The training report shows each term's gradient share."),
                 round=False),
+            "optimizer": choice_input("optimizer", available_optimizers(), (
+                "AdamW: the default. AdamW8bit (bitsandbytes; offered only with a CUDA GPU and bitsandbytes "
+                "installed): Adam moments in 8 bits, less memory. Prodigy (prodigyopt): finds its own step size; set "
+                "learning_rate to 1.0, its convention. A resumed run keeps its optimiser and its state.")),
+            "sample_prompts": text_input("sample_prompts", (
+                "Prompts rendered while training, one per line, each with the placeholder (or {} for it), e.g. "
+                "'sks as an astronaut, oil painting'. Empty = no sample images. Saved in "
+                "models/idfuse/tokens/<save_name>.samples/."), multiline=True),
+            "sample_every": number_input("sample_every", (
+                "Render the sample prompts (and measure the validation loss) every N steps, and after the last "
+                "step; 0 = never.")),
+            "sample_steps": number_input("sample_steps", "Sampler steps of each sample image (few: they are "
+                                                         "previews, and their time is reported apart)."),
+            "sample_size": number_input("sample_size", "Side of the square sample images in pixels (512 for SD1.5; "
+                                                       "768-1024 for SDXL)."),
+            "validation_loss": boolean_input("validation_loss", (
+                "Every sample_every steps, the diffusion loss of a held-out photo (Train Identity's "
+                "validation_images, else the last photo, then not trained on) at fixed timesteps and noise, drawn "
+                "on the loss curve: when it rises while the training loss falls, the identity is overfitting.")),
         }}
 
     def options(self, num_stages: int, attention_mode: str, loss_layers: str, lora_targets: str, templates: str,
                 augmentation: str, resolution: int, batch_size: int, gradient_accumulation: int,
                 gradient_checkpointing: bool, training_dtype: str, checkpoint_every: int, lr_schedule: str,
                 warmup_steps: int, min_snr_gamma: float, detach_reference: bool, generator_width: int,
-                reference_loss_scale: float):
+                reference_loss_scale: float, optimizer: str = DEFAULTS.optimizer, sample_prompts: str = "",
+                sample_every: int = DEFAULTS.sample_every, sample_steps: int = DEFAULTS.sample_steps,
+                sample_size: int = DEFAULTS.sample_size, validation_loss: bool = DEFAULTS.validation_loss):
         """The TrainingSettings fields these widgets set (checked here, so a bad value fails before training)."""
         return ({
             "num_stages": num_stages, "attention_mode": attention_mode,
@@ -198,7 +238,9 @@ class IDFuseTrainingOptions:
             "checkpoint_every": checkpoint_every, "lr_schedule": lr_schedule, "warmup_steps": warmup_steps,
             "min_snr_gamma": min_snr_gamma, "detach_reference": detach_reference,
             "generator_width": check_generator_width(generator_width, GeneratorConfig.heads),
-            "reference_loss_scale": reference_loss_scale,
+            "reference_loss_scale": reference_loss_scale, "optimizer": check_optimizer(optimizer),
+            "sample_prompts": parse_sample_prompts(sample_prompts), "sample_every": sample_every,
+            "sample_steps": sample_steps, "sample_size": sample_size, "validation_loss": validation_loss,
         },)
 
 

@@ -14,6 +14,8 @@ DEFAULT_TEMPLATES = (
 DEFAULT_SAVE_NAME = "idfuse_identity"
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 TRAINING_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Optimiser names (models/training/optimizers: one file per kind); the node offers those that can run here.
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Prodigy")
 # Steps in a row that float16 loss scaling may skip for overflowing gradients before training stops:
 # each skip halves the scale, so by then the gradients overflow at a scale of 2**-4 or less.
 MAX_SKIPPED_STEPS = 20
@@ -62,6 +64,17 @@ class TrainingSettings:
     # probabilities of ~0.01-0.05 that start equal is orders of magnitude smaller than the face_mask term, so
     # at the same λ it would give the tokens almost no gradient (docs/METHOD.md: the measured shares).
     reference_loss_scale: float = _ranged(REFERENCE_LOSS_SCALE, 0.0, 1e6, 1.0)
+    optimizer: str = "AdamW"
+    # Sample images during training: each prompt (with the placeholder, or {} for it) rendered through the
+    # token path every sample_every steps, fixed seed; none = no samples. sample_every also sets how often
+    # the validation loss is measured (0 = neither).
+    sample_prompts: tuple[str, ...] = ()
+    sample_every: int = _ranged(100, 0, 100000)
+    sample_steps: int = _ranged(12, 1, 100)
+    sample_size: int = _ranged(512, 256, 2048, 64)
+    # The diffusion loss of a held-out photo (the validation_images input, else the last photo, then left
+    # out of training) at fixed timesteps and noise, every sample_every steps.
+    validation_loss: bool = False
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -89,9 +89,11 @@ RESUME_MUST_MATCH = (
     "placeholder", "initializer", "num_stages", "generator_width", "lora_rank", "lora_targets", "templates",
     "seed", "learning_rate", "attention_weight", "attention_mode", "loss_downscales", "detach_reference",
     "batch_size", "gradient_accumulation", "lr_schedule", "warmup_steps", "min_snr_gamma", "resolution",
-    "augmentation", "reference_loss_scale",
+    "augmentation", "reference_loss_scale", "optimizer", "validation_loss",
 )
-RESUME_MAY_DIFFER = ("steps", "checkpoint_every", "gradient_checkpointing", "training_dtype")
+# validation_loss must match: without validation_images it holds the last photo out of training.
+RESUME_MAY_DIFFER = ("steps", "checkpoint_every", "gradient_checkpointing", "training_dtype", "sample_prompts",
+                     "sample_every", "sample_steps", "sample_size")
 # What runs made before a setting existed did, where that is not the setting's default now.
 _BEFORE_THE_SETTING = {"reference_loss_scale": 1.0}
 # Settings only the reference_prompt term reads: other modes (attention_mode matches first) may differ.

@@ -26,8 +26,8 @@ def widget_default(name: str):
         return _choice_of(LOSS_LAYER_CHOICES, DEFAULTS.loss_downscales, "loss_downscales")
     if name == "lora_targets":
         return _choice_of(LORA_TARGET_CHOICES, DEFAULTS.lora_targets, "lora_targets")
-    if name == "templates":
-        return "\n".join(DEFAULTS.templates)
+    if name in ("templates", "sample_prompts"):
+        return "\n".join(getattr(DEFAULTS, name))
     return getattr(DEFAULTS, name)
 
 
@@ -72,8 +72,28 @@ def parse_templates(text: str) -> tuple[str, ...]:
     return lines
 
 
+def parse_sample_prompts(text: str, placeholder_hint: str = "sks") -> tuple[str, ...]:
+    """Sample prompts, one per line (empty: no sample images). Each must name the identity, by the
+    placeholder word or by {}; which one is checked against the trainer's placeholder when the run starts."""
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
 def check_generator_width(width: int, heads: int) -> int:
     if width % heads:
         raise IDFuseInputError(f"generator_width {width} must be a multiple of the generator's {heads} attention "
                                f"heads; use e.g. {max(heads, width // heads * heads)}.")
     return width
+
+
+def available_optimizers() -> list[str]:
+    """The optimisers that can run on this machine, for the widget (placeholder until the optimiser
+    registry lands: every name)."""
+    from ...models.training.settings import OPTIMIZERS
+    return list(OPTIMIZERS)
+
+
+def check_optimizer(name: str) -> str:
+    from ...models.training.settings import OPTIMIZERS
+    if name not in OPTIMIZERS:
+        raise TrainingError(f"optimizer '{name}' is not one of {', '.join(OPTIMIZERS)}.")
+    return name

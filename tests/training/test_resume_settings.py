@@ -43,6 +43,8 @@ def _other(value):
         return value + "x"
     if value is None:
         return (2,)
+    if value == ():
+        return ("a photo of sks",)
     return (*value[1:], "other") if isinstance(value[0], str) else (*value[1:],) or (8,)
 
 

@@ -115,14 +115,18 @@ def test_node_is_registered_with_its_defaults():
     assert NODE_CLASS_MAPPINGS["IDFuseTrainingOptions"] is IDFuseTrainingOptions
     assert IDFuseTrainIdentity.CATEGORY == IDFuseTrainingOptions.CATEGORY == "IDFuse/training"
     required = IDFuseTrainIdentity.INPUT_TYPES()["required"]
-    assert list(required) == ["model", "clip", "vae", "images", "placeholder", "initializer", "steps",
+    assert list(required) == ["model", "clip", "vae", "placeholder", "initializer", "steps",
                               "learning_rate", "attention_weight", "lora_rank", "seed", "save_name", "resume_from"]
+    # images became optional in 0.5.0 (or training_photos); as the first optional input its socket keeps its
+    # place after vae, so saved workflows' links still land on it.
+    optional = IDFuseTrainIdentity.INPUT_TYPES()["optional"]
+    assert list(optional)[:4] == ["images", "masks", "face_analysis", "options"]
     defaults = {**widget_defaults(IDFuseTrainIdentity), **widget_defaults(IDFuseTrainingOptions)}
     assert defaults["placeholder"] == "sks" and defaults["initializer"] == "person"
     assert defaults["num_stages"] == 5 and defaults["learning_rate"] == 1e-4 and defaults["attention_weight"] == 0.003
     assert defaults["attention_mode"] == "face_mask" and defaults["loss_layers"] == "2, 4"
     assert defaults["lora_rank"] == 0 and defaults["lora_targets"] == "to_k, to_v"
-    assert set(IDFuseTrainIdentity.INPUT_TYPES()["optional"]) == {"masks", "face_analysis", "options"}
+    assert list(optional)[4:] == ["validation_images", "training_photos"]
     assert IDFuseTrainIdentity.INPUT_TYPES()["optional"]["options"][0] == IDFuseTrainingOptions.RETURN_TYPES[0]
 
 
@@ -132,7 +136,8 @@ PACK = Path(comfyui_idfuse.__file__).parent
 # node input -> TrainingSettings field, where the widget shows the setting in another form
 WIDGET_FORMS = {"loss_layers": ("loss_downscales", LOSS_LAYER_CHOICES.get),
                 "lora_targets": ("lora_targets", LORA_TARGET_CHOICES.get),
-                "templates": ("templates", lambda text: tuple(text.splitlines()))}
+                "templates": ("templates", lambda text: tuple(text.splitlines())),
+                "sample_prompts": ("sample_prompts", lambda text: tuple(text.splitlines()))}
 
 
 def _setting_of(input_name: str, widget_value):
@@ -332,7 +337,7 @@ def test_face_mask_loss_moves_attention_onto_the_face(mask_and_off_runs):
 
 
 def test_outputs_files_and_input_model(mask_and_off_runs, parts):
-    tokens, model_out, files, loss_curve, maps, report_text = mask_and_off_runs["face"]
+    tokens, model_out, files, loss_curve, maps, report_text, _samples = mask_and_off_runs["face"]
     assert mask_and_off_runs["input_untouched"]
     paths = [Path(p) for p in files.splitlines()]
     assert {p.suffix for p in paths} == {".safetensors", ".trainstate", ".json"} and all(p.is_file() for p in paths)
