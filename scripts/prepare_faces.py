@@ -45,6 +45,7 @@ from comfyui_idfuse.models.faces.embed import CLIP_CROP_SIZE  # noqa: E402
 from comfyui_idfuse.models.faces.types import EMBEDDING_SPACES, FaceBackend, FaceBackendBase  # noqa: E402
 from comfyui_idfuse.models.files import atomic_write_text  # noqa: E402
 from comfyui_idfuse.models.training import face_shards  # noqa: E402
+from comfyui_idfuse.models.training.face_crops import DEFAULT_FACE_SHARE, face_crop  # noqa: E402
 
 log = logging.getLogger("idfuse.training")
 
@@ -54,7 +55,6 @@ MIN_PHOTOS_PER_IDENTITY = 2  # a reference and a different target photo
 DEFAULT_RESOLUTION = 512
 # The face box (brows to chin, cheek to cheek) takes this share of the crop's side: a head-and-shoulders portrait,
 # with room for hair and the neck, which is how most prompts frame a person.
-DEFAULT_FACE_SHARE = 0.4
 DEFAULT_MIN_FACE_SIZE = 64
 DEFAULT_IDENTITIES_PER_SHARD = 64
 DEFAULT_BATCH_SIZE = 8  # crops per VAE / CLIP call
@@ -244,22 +244,10 @@ def read_photo(path: Path) -> np.ndarray:
 
 def training_crop(rgb: np.ndarray, face_box: Sequence[float], resolution: int, face_share: float
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The square of the photo centred on the face whose side makes the face box's longer side ``face_share`` of it
-    (at most the photo's shorter side: then the face takes more; shifted inside the photo, never padded), resized to
-    resolution² (never squashed). Returns the crop, its square in the photo and the face box in the crop's pixels."""
-    height, width = rgb.shape[:2]
-    x1, y1, x2, y2 = (float(v) for v in face_box)
-    side = int(round(min(max(x2 - x1, y2 - y1) / face_share, width, height)))
-    side = max(1, side)
-    left = int(round(min(max((x1 + x2) / 2 - side / 2, 0), width - side)))
-    top = int(round(min(max((y1 + y2) / 2 - side / 2, 0), height - side)))
-    square = torch.from_numpy(np.ascontiguousarray(rgb[top:top + side, left:left + side])).permute(2, 0, 1)[None]
-    resized = torch.nn.functional.interpolate(square.float(), size=(resolution, resolution), mode="bicubic",
-                                              align_corners=False, antialias=side > resolution)
-    crop = resized[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
-    scale = resolution / side
-    crop_face = (np.array([x1, y1, x2, y2]) - np.array([left, top, left, top])) * scale
-    return crop, np.array([left, top, left + side, top + side], np.float32), crop_face.astype(np.float32)
+    """The square training crop centred on the face (``models.training.face_crops``, shared with the identity
+    trainer's photo folders): the crop, its square in the photo and the face box in the crop's pixels."""
+    crop = face_crop(torch.from_numpy(np.ascontiguousarray(rgb)), face_box, resolution, face_share)
+    return crop.pixels.numpy(), np.array(crop.square.box, np.float32), np.array(crop.face_box, np.float32)
 
 
 def prepare_photo(backend: FaceBackend, root: Path, photo: str, identity: str, settings: PrepSettings,
