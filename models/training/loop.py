@@ -2,7 +2,7 @@
 
 The diffusion loss in the model's own parameterisation and its Min-SNR weight, the learning-rate
 schedule, the seeded random source of each step, float16 loss scaling, and the optimiser state a
-run needs to be resumed exactly (as safetensors tensors and string metadata).
+run needs to be resumed exactly (as safetensors tensors and string metadata), whatever the optimiser.
 """
 
 from __future__ import annotations
@@ -18,12 +18,18 @@ import torch
 from torch import nn
 
 from ..errors import NonFiniteLossError, TrainingError
+from .optimizers import AdamW, kind_of
 from .settings import LR_SCHEDULES, MAX_SKIPPED_STEPS
 
 log = logging.getLogger("idfuse.training")
 
 OPTIMIZER_PREFIX = "optimizer."
 LOSS_SCALER_KEY = "loss_scaler"
+# The optimiser's kind (optimizers.OPTIMIZER_KINDS); states without it are AdamW's, the only kind before.
+OPTIMIZER_KIND_KEY = "optimizer"
+UNRECORDED_KIND = AdamW.name
+# The state's entries that are not tensors (Prodigy's and bitsandbytes' integer step), as JSON.
+OPTIMIZER_VALUES_KEY = "optimizer_values"
 
 
 # --- losses --------------------------------------------------------------------------------------
@@ -163,13 +169,55 @@ def optimizer_step(optimizer: torch.optim.Optimizer, parameters: Sequence[nn.Par
 
 # --- state for resuming --------------------------------------------------------------------------
 
+def _flattened(entries: dict, prefix: str) -> list[tuple[str, object]]:
+    """(dotted path, value) of every leaf of a parameter's state; bitsandbytes nests its quantisation state."""
+    leaves = []
+    for name, value in entries.items():
+        assert "." not in str(name), f"optimiser state entry {name!r}: a dot would not survive the round trip"
+        if isinstance(value, dict):
+            leaves.extend(_flattened(value, f"{prefix}{name}."))
+        else:
+            leaves.append((f"{prefix}{name}", value))
+    return leaves
+
+
+def _nested(leaves: dict[str, object]) -> dict[int, dict]:
+    """The inverse of ``_flattened`` over all parameters: index -> that parameter's state."""
+    entries: dict[int, dict] = {}
+    for key, value in leaves.items():
+        index, *path = key.split(".")
+        node = entries.setdefault(int(index), {})
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return entries
+
+
+def _kind_name(optimizer: torch.optim.Optimizer) -> str:
+    kind = kind_of(optimizer)
+    return type(optimizer).__name__ if kind is None else kind.name
+
+
 def optimizer_state(optimizer: torch.optim.Optimizer, step: int, scaler: LossScaler | None
                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Optimiser moments (tensors), and the step, parameter groups and loss scale (metadata)."""
+    """Optimiser state tensors (moments, Prodigy's s and p0, 8-bit's quantised moments and their scales),
+    and the step, parameter groups (Prodigy's d, d0, ... are there), the state's other values (Prodigy's
+    and 8-bit's integer step), the optimiser's kind and the loss scale (metadata)."""
     state = optimizer.state_dict()
-    tensors = {f"{OPTIMIZER_PREFIX}{index}.{name}": torch.as_tensor(value).detach().cpu().clone()
-               for index, entries in state["state"].items() for name, value in entries.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    values: dict[str, object] = {}
+    for index, entries in state["state"].items():
+        for key, value in _flattened(entries, f"{index}."):
+            if torch.is_tensor(value):
+                tensors[f"{OPTIMIZER_PREFIX}{key}"] = value.detach().cpu().clone().contiguous()
+            else:
+                values[key] = value
     metadata = {"step": str(step), "param_groups": json.dumps(state["param_groups"])}
+    kind = _kind_name(optimizer)
+    if kind != UNRECORDED_KIND:  # AdamW states stay as they were before other kinds existed
+        metadata[OPTIMIZER_KIND_KEY] = kind
+    if values:
+        metadata[OPTIMIZER_VALUES_KEY] = json.dumps(values)
     if scaler is not None:
         metadata[LOSS_SCALER_KEY] = scaler.to_metadata()
     return tensors, metadata
@@ -179,11 +227,11 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, to
                          metadata: dict[str, str], scaler: LossScaler | None, mismatch_hint: str) -> int:
     """Restore what ``optimizer_state`` saved; returns the step. ``mismatch_hint`` says what differs
     when the saved moments belong to another set of parameters."""
-    entries: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith(OPTIMIZER_PREFIX):
-            _, index, name = key.split(".", 2)
-            entries.setdefault(int(index), {})[name] = value
+    saved_kind, kind = metadata.get(OPTIMIZER_KIND_KEY, UNRECORDED_KIND), _kind_name(optimizer)
+    if saved_kind != kind:
+        raise TrainingError(f"The training state holds the state of the {saved_kind} optimizer, this run uses {kind}: "
+                            f"set optimizer to {saved_kind} (IDFuse Training Options) as in the run being resumed, "
+                            f"or start a new run.")
     groups = json.loads(metadata["param_groups"])
     saved = sum(len(g["params"]) for g in groups)
     parameters = [p for g in optimizer.param_groups for p in g["params"]]
@@ -191,8 +239,22 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, to
         raise TrainingError(f"The training state holds optimiser moments for {saved} parameters, this trainer has "
                             f"{len(parameters)}: {mismatch_hint}")
     device = parameters[0].device
-    state = {i: {k: (v if k == "step" else v.to(device)) for k, v in e.items()} for i, e in entries.items()}
+    leaves: dict[str, object] = {key[len(OPTIMIZER_PREFIX):]: value for key, value in tensors.items()
+                                 if key.startswith(OPTIMIZER_PREFIX)}
+    leaves.update(json.loads(metadata.get(OPTIMIZER_VALUES_KEY, "{}")))
+    state = _nested(leaves)
+    for entries in state.values():
+        _to_device(entries, device)
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     if scaler is not None and LOSS_SCALER_KEY in metadata:
         scaler.load_metadata(metadata[LOSS_SCALER_KEY])
     return int(metadata["step"])
+
+
+def _to_device(entries: dict, device: torch.device, top: bool = True) -> None:
+    """Every state tensor to the parameters' device but the step counter, which torch keeps on the CPU."""
+    for name, value in entries.items():
+        if isinstance(value, dict):
+            _to_device(value, device, top=False)
+        elif torch.is_tensor(value) and not (top and name == "step"):
+            entries[name] = value.to(device)
