@@ -3,6 +3,8 @@ the placeholder's attention on each photo before and after training (the attenti
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch.nn import functional as F
@@ -11,48 +13,75 @@ from .token_trainer import LossHistory, gradient_shares
 
 # Colours of the attention terms in the gradient-share panel, in the order of their names.
 SHARE_COLOURS = ((200, 70, 40), (40, 150, 70), (140, 60, 170))
+DIFFUSION_COLOUR = (40, 90, 200)
+VALIDATION_COLOUR = (230, 130, 0)
 
 
 def render_loss_curve(history: LossHistory, size: tuple[int, int] = (768, 384), as_pil: bool = False):
-    """Diffusion and attention loss per step and, once measured, each attention term's share of the
-    token vectors' gradient (0-100 %); a ComfyUI IMAGE (1, H, W, 3) or a PIL image."""
+    """Diffusion and attention loss per step (the validation loss, when measured, as points on the
+    diffusion panel's scale) and, once measured, each attention term's share of the token vectors'
+    gradient (0-100 %); a ComfyUI IMAGE (1, H, W, 3) or a PIL image."""
     from PIL import Image, ImageDraw
 
     width, height = size
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     steps = [s.step for s in history.steps]
-    panels = [("diffusion loss", [(steps, [s.diffusion for s in history.steps], (40, 90, 200))], None),
-              ("attention loss", [(steps, [s.attention for s in history.steps], (200, 70, 40))], None)]
+    validation = [(step, value) for step, value in history.validation if math.isfinite(value)]
+    # Each series: steps, values, colour, and whether each value is marked with a dot (sparse measurements).
+    diffusion = [(steps, [s.diffusion for s in history.steps], DIFFUSION_COLOUR, False)]
+    if validation:
+        diffusion.append(([step for step, _ in validation], [value for _, value in validation], VALIDATION_COLOUR,
+                          True))
+    panels = [("diffusion loss", diffusion, None),
+              ("attention loss", [(steps, [s.attention for s in history.steps], (200, 70, 40), False)], None)]
     measured = [s for s in history.steps if s.gradient_norms and "tokens" in s.gradient_norms]
     names = sorted({n for s in measured for n in s.gradient_norms["tokens"]} - {"diffusion"})
     if names:
         shares = [gradient_shares(s.gradient_norms["tokens"]) for s in measured]
-        series = [([s.step for s in measured], [share.get(n, 0.0) for share in shares], colour)
+        series = [([s.step for s in measured], [share.get(n, 0.0) for share in shares], colour, False)
                   for n, colour in zip(names, SHARE_COLOURS, strict=False)]
         last = ", ".join(f"{n} {100 * shares[-1].get(n, 0.0):.3g}%" for n in names)
         panels.append((f"share of the token gradient: {last} (step {measured[-1].step})", series, (0.0, 1.0)))
     panel_h = height // len(panels)
-    x_range = (min(steps, default=0), max(steps, default=0))
+    all_steps = steps + [step for step, _ in validation]
+    x_range = (min(all_steps, default=0), max(all_steps, default=0))
     for row, (label, series, y_range) in enumerate(panels):
         top = row * panel_h
         draw.rectangle([0, top, width - 1, top + panel_h - 1], outline=(200, 200, 200))
-        for xs, values, colour in series:
-            _draw_series(draw, xs, values, colour, (top, panel_h, width), x_range, y_range)
+        # A panel's lines share its scale (the training and validation loss are comparable).
+        scale = y_range or _value_range([v for _, values, _, _ in series for v in values])
+        for xs, values, colour, points in series:
+            _draw_series(draw, xs, values, colour, (top, panel_h, width), x_range, scale, points)
         values = series[0][1]
         if values and y_range is None:
             low, high = min(values), max(values)
             label = f"{label}: last {values[-1]:.4g}  (min {low:.4g}, max {high:.4g}, {len(values)} steps)"
         draw.text((8, top + 2), label, fill=(0, 0, 0))
+        if row == 0 and validation:
+            _validation_label(draw, validation[-1], draw.textlength(label) + 16, top, width)
     if as_pil:
         return image
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).unsqueeze(0)
 
 
+def _value_range(values: list[float]) -> tuple[float, float] | None:
+    return (min(values), max(values)) if values else None
+
+
+def _validation_label(draw, last: tuple[int, float], left: float, top: int, width: int) -> None:
+    """The last validation loss, in its colour: after the panel's label, or under it when that is full."""
+    step, value = last
+    text = f"validation: last {value:.4g} (step {step})"
+    if left + draw.textlength(text) > width - 8:
+        left, top = 8, top + 12
+    draw.text((left, top + 2), text, fill=VALIDATION_COLOUR)
+
+
 def _draw_series(draw, xs: list[int], values: list[float], colour, panel: tuple[int, int, int],
-                 x_range: tuple[int, int], y_range: tuple[float, float] | None) -> None:
+                 x_range: tuple[int, int], y_range: tuple[float, float] | None, points: bool = False) -> None:
     """One line in a panel (top, height, width): x by step over the history's steps, y over ``y_range``
-    (or the values' own range)."""
+    (or the values' own range); ``points`` marks each value with a dot as well."""
     if not values:
         return
     top, panel_h, width = panel
@@ -60,13 +89,14 @@ def _draw_series(draw, xs: list[int], values: list[float], colour, panel: tuple[
     low, high = y_range if y_range is not None else (min(values), max(values))
     span = (high - low) or 1.0
     steps = (x_range[1] - x_range[0]) or 1
-    points = [(margin + (width - 2 * margin) * (x - x_range[0]) / steps,
-               top + margin + 14 + (panel_h - 2 * margin - 14) * (1 - (v - low) / span))
-              for x, v in zip(xs, values, strict=True)]
-    if len(points) > 1:
-        draw.line(points, fill=colour, width=2)
-    else:
-        draw.ellipse([points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2], fill=colour)
+    xy = [(margin + (width - 2 * margin) * (x - x_range[0]) / steps,
+           top + margin + 14 + (panel_h - 2 * margin - 14) * (1 - (v - low) / span))
+          for x, v in zip(xs, values, strict=True)]
+    if len(xy) > 1:
+        draw.line(xy, fill=colour, width=2)
+    for x, y in xy if points or len(xy) == 1 else ():
+        radius = 3 if points else 2
+        draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour)
 
 
 def _heat(values: torch.Tensor) -> torch.Tensor:

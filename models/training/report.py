@@ -1,14 +1,15 @@
 """The report of a training run (also saved as <save_name>.report.json): settings, steps, final
-losses, each loss term's value and share of the gradient, the face share of the placeholder's
-attention before and after, float16 loss scaling."""
+losses, each loss term's value and share of the gradient, the validation loss at each measurement,
+the face share of the placeholder's attention before and after, float16 loss scaling."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 from .settings import TrainingSettings
-from .token_trainer import Evaluation, IdentityTrainer, StepLosses, gradient_shares
+from .token_trainer import Evaluation, IdentityTrainer, LossHistory, StepLosses, gradient_shares
 
 FINAL_LOSS_STEPS = 10
 
@@ -50,6 +51,15 @@ def loss_terms(steps: Sequence[StepLosses], weights: dict[str, float], last: int
     return report
 
 
+def validation_loss(history: LossHistory) -> dict[str, list] | None:
+    """The held-out photo's loss at each measured step (record_validation); None when never measured."""
+    if not history.validation:
+        return None
+    # null for a value that is not finite (JSON has no NaN)
+    return {"steps": [step for step, _ in history.validation],
+            "values": [value if math.isfinite(value) else None for _, value in history.validation]}
+
+
 def _mean_norms(steps: Sequence[StepLosses]) -> dict[str, dict[str, float]]:
     groups: dict[str, dict[str, list[float]]] = {}
     for s in steps:
@@ -78,6 +88,7 @@ def training_report(*, identity: str, model_family: str, settings: TrainingSetti
         "resumed_from": resumed_from,
         "final_losses": final_losses(trainer.history.steps),
         "loss_terms": loss_terms(trainer.history.steps, trainer.term_weights()),
+        "validation_loss": validation_loss(trainer.history),
         "evaluation_diffusion_loss": {"before": None if before is None else before.diffusion_loss,
                                       "after": None if after is None else after.diffusion_loss},
         "face_attention_share": {"before": _mean_share(before), "after": _mean_share(after)},

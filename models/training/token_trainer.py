@@ -4,7 +4,8 @@ The host (the ComfyUI glue in nodes/train.py and nodes/glue/training_models.py) 
 model as callables: ``encode`` (a prompt template with word vectors spliced in -> context),
 ``denoise`` (noisy latent, sigma, keys context, values context -> predicted x0, in the model's own
 parameterisation) and its ``model_sampling``. This module owns what training an identity means:
-sampling, the stage of each sample, the losses, evaluation, and the state needed to resume; the
+sampling (each photo's caption template, if it has one), the stage of each sample, the losses,
+evaluation, the validation loss of held-out photos, and the state needed to resume; the
 pieces any training loop uses (diffusion loss, schedule, loss scaling, optimiser state) are in loop.py.
 
 Every random draw of step k comes from a generator seeded with (seed, k), so a run resumed at
@@ -44,6 +45,7 @@ from .loop import (
     step_generator,
 )
 from .losses import attention_loss_for
+from .optimizers import make_optimizer
 from .probes import AttentionProbes, ProbeBatch, attention_maps, face_share
 from .settings import GRADIENT_SHARE_EVERY, TrainingSettings
 
@@ -52,15 +54,37 @@ log = logging.getLogger("idfuse.training")
 
 @dataclass
 class TrainingData:
-    """Encoded photos. Variants are the photos and their augmented copies, all the same size."""
+    """Encoded photos. Variants are the photos and their augmented copies, all the same size, in rounds of
+    the P photos in their order (training_variants: the originals, then each flipped or cropped round), so
+    variant v is a copy of photo v % P."""
 
     latents: torch.Tensor  # (V, C, h, w), already scaled for the model (process_latent_in)
     masks: torch.Tensor | None  # (V, h, w) face masks at latent resolution, 1 = face
     originals: torch.Tensor  # (P,) variant index of each photo as given (for evaluation)
+    # (P,) per photo the prompt-table index of its caption's template, -1 = no caption (it draws a shared one).
+    photo_templates: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        photos = self.num_photos
+        if self.num_variants % photos or not torch.equal(self.originals.cpu().long(), torch.arange(photos)):
+            raise TrainingError(f"The training data has {self.num_variants} variants of {photos} photos with "
+                                f"originals {self.originals.tolist()}: variants must come in rounds of the photos in "
+                                f"their order (models/training/photos.py training_variants).")
+        if self.photo_templates is not None and tuple(self.photo_templates.shape) != (photos,):
+            raise TrainingError(f"photo_templates has shape {tuple(self.photo_templates.shape)}; expected one "
+                                f"caption template index per photo, ({photos},).")
 
     @property
     def num_variants(self) -> int:
         return self.latents.shape[0]
+
+    @property
+    def num_photos(self) -> int:
+        return self.originals.shape[0]
+
+    def photo_of(self, variants: torch.Tensor) -> torch.Tensor:
+        """The photo each variant is a copy of."""
+        return variants % self.num_photos
 
 
 @dataclass
@@ -70,10 +94,23 @@ class PromptTable:
     placeholder_positions: torch.Tensor  # (T,)
     reference_contexts: torch.Tensor | None = None  # (T, L, C) keys context of the initialiser's prompt
     reference_positions: torch.Tensor | None = None  # (T,)
+    # The first this many templates are settings.templates, drawn for photos without a caption; the rest
+    # are the photos' caption templates. None: all of them (no captions).
+    num_shared_templates: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.shared_templates <= self.num_templates:
+            raise TrainingError(f"num_shared_templates {self.num_shared_templates} of a prompt table of "
+                                f"{self.num_templates} templates; it must be between 1 and their number.")
 
     @property
     def num_templates(self) -> int:
         return self.placeholder_positions.shape[0]
+
+    @property
+    def shared_templates(self) -> int:
+        """How many templates (the first ones) photos without a caption draw from."""
+        return self.num_templates if self.num_shared_templates is None else self.num_shared_templates
 
 
 @dataclass
@@ -122,11 +159,18 @@ class Evaluation:
 TERM_COLUMN = "loss."  # history column of an attention term: loss.<term>
 GRADIENT_COLUMN = "grad."  # of a gradient norm: grad.<group>.<term>
 BASE_COLUMNS = 5  # step, diffusion, attention, total, learning rate (all a 0.2.0 history has)
+# The validation loss is the mean over this many timesteps, the centres of equal parts of the schedule:
+# the expectation of the training loss (uniform timesteps) on the held-out photo, with the same noise at
+# every measurement, whatever num_stages is (with one stage, stage centres would be a single timestep).
+VALIDATION_TIMESTEPS = 8
+VALIDATION_NOISE_SEED = 24_680  # added to the run's seed (evaluate's noise is another draw)
 
 
 @dataclass
 class LossHistory:
     steps: list[StepLosses] = field(default_factory=list)
+    # (step, validation loss) per measurement (record_validation), one per step, in step order.
+    validation: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def columns(self) -> list[str]:
@@ -175,6 +219,18 @@ class LossHistory:
             steps.append(losses)
         return cls(steps)
 
+    def validation_tensor(self) -> torch.Tensor:
+        """(measurements, 2): step and validation loss."""
+        return torch.tensor(self.validation, dtype=torch.float64).reshape(-1, 2)
+
+    @staticmethod
+    def validation_from_tensor(tensor: torch.Tensor) -> list[tuple[int, float]]:
+        if tensor.ndim != 2 or tensor.shape[1] != 2:
+            raise TrainingError(f"The training state's validation history has shape {tuple(tensor.shape)}, not "
+                                f"(measurements, 2); the .trainstate file is damaged: start a new run, or delete "
+                                f"the .trainstate to resume without the optimiser state.")
+        return [(int(step), float(value)) for step, value in tensor.tolist()]
+
 
 def _held_after(factor: Callable[[int], float], last: int) -> Callable[[int], float]:
     return lambda index: factor(min(index, last))
@@ -200,7 +256,11 @@ class IdentityTrainer:
             raise TrainingError(f"Attention-loss mode '{settings.attention_mode}' needs face masks.")
         if self.attention_loss.needs_reference and prompts.reference_contexts is None:
             raise TrainingError(f"Attention-loss mode '{settings.attention_mode}' needs the reference prompts.")
-        self.optimizer = torch.optim.AdamW(self.parameters(), lr=settings.learning_rate, weight_decay=0.0)
+        captions = data.photo_templates
+        if captions is not None and not bool(((captions >= -1) & (captions < prompts.num_templates)).all()):
+            raise TrainingError(f"photo_templates {captions.tolist()} point outside the prompt table of "
+                                f"{prompts.num_templates} templates (-1 = no caption).")
+        self.optimizer = make_optimizer(settings.optimizer, self.parameters(), settings.learning_rate)
         # The total the LR schedule is made for: this run's steps, or (resumed) the first run's.
         self.schedule_steps = settings.steps
         self.scheduler = self._lr_scheduler(self.schedule_steps)
@@ -266,23 +326,40 @@ class IdentityTrainer:
                           table.reference_contexts[templates].to(self.host.device),
                           table.reference_positions[templates])
 
-    def _forward(self, variants, templates, timesteps, noise, with_reference: bool):
-        """Predicted and true x0 of a batch, with the probes' records of the pass."""
+    def _denoised(self, x0, templates, timesteps, noise, probe_batch: ProbeBatch | None):
+        """Sigma of each row and the model's x0 prediction of ``x0`` noised with ``noise`` at ``timesteps``;
+        the probes record the pass when given a batch (without one the loss layers keep fast attention)."""
         sigma, stages = self._sigmas(timesteps)
         keys_ctx, values_ctx = self._contexts(templates, stages)
-        x0 = self.data.latents[variants].to(self.host.device)
         sampling = self.host.model_sampling
         x_noisy = sampling.noise_scaling(sigma.view(-1, 1, 1, 1), noise.to(self.host.device), x0)
-        self.probes.begin(self._probe_batch(templates, with_reference))
+        if probe_batch is not None:
+            self.probes.begin(probe_batch)
         with autocast(self.host.device, self.host.autocast_dtype):
             x0_pred = self.host.denoise(x_noisy, sigma, keys_ctx, values_ctx, templates.tolist())
+        return sigma, x0_pred
+
+    def _forward(self, variants, templates, timesteps, noise, with_reference: bool):
+        """Predicted and true x0 of a batch, with the probes' records of the pass."""
+        x0 = self.data.latents[variants].to(self.host.device)
+        sigma, x0_pred = self._denoised(x0, templates, timesteps, noise, self._probe_batch(templates, with_reference))
         return sigma, x0_pred, x0, self.probes.collected()
+
+    def _templates(self, variants: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        """Each sample's template: its photo's caption if it has one, else one drawn among the shared ones.
+        The draw is made for every sample (so the draws after it stay those of a run without captions)."""
+        drawn = torch.randint(self.prompts.shared_templates, (len(variants),), generator=rng)
+        captions = self.data.photo_templates
+        if captions is None:
+            return drawn
+        caption = captions[self.data.photo_of(variants)]
+        return torch.where(caption >= 0, caption, drawn)
 
     def _micro_batch(self, step: int, micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         s = self.settings
         rng = step_generator(s.seed, step, micro)
         variants = torch.randint(self.data.num_variants, (s.batch_size,), generator=rng)
-        templates = torch.randint(self.prompts.num_templates, (s.batch_size,), generator=rng)
+        templates = self._templates(variants, rng)
         timesteps = torch.randint(0, self.num_timesteps, (s.batch_size,), generator=rng)
         noise = torch.randn((s.batch_size, *self.data.latents.shape[1:]), generator=rng)
         sigma, x0_pred, x0, records = self._forward(variants, templates, timesteps, noise,
@@ -427,6 +504,44 @@ class IdentityTrainer:
         n = len(centres)
         return Evaluation(maps / n, None if masks is None else shares / n, loss_sum / (n * len(photos)))
 
+    @torch.no_grad()
+    def record_validation(self, latents: torch.Tensor, chunk: int = 4) -> float:
+        """The diffusion loss of held-out latents (N, C, h, w), scaled for the model like TrainingData.latents,
+        at the current step; recorded in ``history.validation`` (a second measurement at the same step
+        replaces the first). Fixed timesteps (VALIDATION_TIMESTEPS over the schedule) and noise (from the
+        seed alone), template 0, no attention probes, min-SNR weighted as training is: the same trainer
+        state always gives the same value. No random state, parameter or gradient is touched."""
+        s = self.settings
+        if latents.ndim != 4 or latents.shape[0] == 0 or latents.shape[1] != self.data.latents.shape[1]:
+            raise TrainingError(f"Validation latents of shape {tuple(latents.shape)}: expected a batch (count, "
+                                f"{self.data.latents.shape[1]}, height, width) encoded like the training photos.")
+        count = latents.shape[0]
+        self.probes.end()  # no attention recorded: the loss layers keep the model's own attention
+        timesteps = ((torch.arange(VALIDATION_TIMESTEPS) + 0.5) * self.num_timesteps / VALIDATION_TIMESTEPS).long()
+        # Every (timestep, latent) pair is one row, so a single photo still fills the chunks.
+        row_timesteps = timesteps.repeat_interleave(count)
+        row_latents = torch.arange(count).repeat(VALIDATION_TIMESTEPS)
+        rng = torch.Generator().manual_seed(s.seed + VALIDATION_NOISE_SEED)
+        noise = torch.randn((len(row_timesteps), *latents.shape[1:]), generator=rng)
+        loss_sum = 0.0
+        for start in range(0, len(row_timesteps), chunk):
+            rows = slice(start, start + chunk)
+            steps_of_rows = row_timesteps[rows]
+            x0 = latents[row_latents[rows]].to(self.host.device)
+            templates = torch.zeros(len(steps_of_rows), dtype=torch.long)
+            sigma, x0_pred = self._denoised(x0, templates, steps_of_rows, noise[rows], probe_batch=None)
+            weight = None
+            if s.min_snr_gamma > 0:
+                weight = min_snr_weight(self.host.model_sampling, steps_of_rows, s.min_snr_gamma).to(x0.device)
+            loss_sum += float(diffusion_loss(self.host.model_sampling, sigma, x0_pred, x0, weight)) * len(steps_of_rows)
+        value = loss_sum / len(row_timesteps)
+        history = self.history.validation
+        if history and history[-1][0] == self.step:
+            history.pop()
+        history.append((self.step, value))
+        log.debug("step %d: validation loss %.5f", self.step, value)
+        return value
+
     # --- state for resuming --------------------------------------------------------------------
 
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -435,6 +550,8 @@ class IdentityTrainer:
         columns = self.history.columns
         tensors["history"] = self.history.to_tensor(columns)
         metadata["history_columns"] = json.dumps(columns)
+        if self.history.validation:
+            tensors["validation_history"] = self.history.validation_tensor()
         metadata["settings"] = json.dumps(self.settings.to_dict(), sort_keys=True)
         metadata["lr_schedule_steps"] = str(self.schedule_steps)
         return tensors, metadata
@@ -446,6 +563,8 @@ class IdentityTrainer:
             "start a new run.")
         columns = json.loads(metadata.get("history_columns", "[]"))
         self.history = LossHistory.from_tensor(tensors["history"], columns) if "history" in tensors else LossHistory()
+        if "validation_history" in tensors:  # states of earlier versions, or of runs without validation, have none
+            self.history.validation = LossHistory.validation_from_tensor(tensors["validation_history"])
         # The schedule of the run being resumed, for the total it was made for (its first run's steps), so
         # every step gets the rate the uninterrupted run would have had; states of 0.2.0 name only steps.
         saved_total = metadata.get("lr_schedule_steps") or json.loads(metadata.get("settings", "{}")).get("steps")
