@@ -1,8 +1,9 @@
 """IDFuse Train Identity (with IDFuse Training Options): learn SeFi-IDE identity tokens, and
 optionally a LoRA, from a few photos; IDFuse Face Masks, the masks it trains with.
 
-The ComfyUI side of models/training/: photos and masks in, the frozen MODEL/CLIP/VAE turned into
-the trainer's ``encode`` and ``denoise``, model management, progress, interrupts, files.
+The ComfyUI side of models/training/: photos (or a photo folder) and masks in, the frozen MODEL/CLIP/VAE
+turned into the trainer's ``encode`` and ``denoise``, model management, progress, sample images,
+interrupts, files.
 """
 
 from __future__ import annotations
@@ -54,8 +55,10 @@ class IDFuseTrainIdentity:
                    "(made by a small trainable attention block over the initialiser word), optionally with a LoRA "
                    "on the UNet's cross-attention. The placeholder's cross-attention is kept on the face by an "
                    "attention loss, so scenes, actions and styles in a prompt still work. Stop any time (the last "
-                   "step is saved) and resume later. Further settings: connect IDFuse Training Options. Files: "
-                   "models/idfuse/tokens/<save_name>.safetensors (+ .trainstate, .report.json) and "
+                   "step is saved) and resume later. Photos: images, or a folder with captions from IDFuse Load "
+                   "Training Photos (training_photos). Further settings (optimiser, sample images every N steps, "
+                   "validation loss, ...): connect IDFuse Training Options. Files: "
+                   "models/idfuse/tokens/<save_name>.safetensors (+ .trainstate, .report.json, .samples/) and "
                    "models/loras/<save_name>.safetensors.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("ID_TOKENS", "MODEL", "STRING", "IMAGE", "IMAGE", "STRING", "IMAGE")
@@ -131,8 +134,8 @@ class IDFuseTrainIdentity:
             placeholder=placeholder.strip(), initializer=initializer.strip(), steps=steps, learning_rate=learning_rate,
             attention_weight=attention_weight, lora_rank=lora_rank, seed=seed, **(options or {}))
         with torch.inference_mode(False), torch.enable_grad():
-            outputs = TrainingRun(model, clip, vae, settings, save_name, resume_from).run(images, masks, face_analysis)
-        return (*outputs, torch.zeros(1, 64, 64, 3))  # samples: placeholder until sample images land
+            return TrainingRun(model, clip, vae, settings, save_name, resume_from).run(
+                images, masks, face_analysis, validation_images, training_photos)
 
 
 class IDFuseTrainingOptions:

@@ -51,15 +51,17 @@ def check_save_name(save_name: str, final_names: list[str]) -> None:
 
 
 class OutputFiles:
-    """Where one identity's files go: tokens (+ training state + report) and the LoRA."""
+    """Where one identity's files go: tokens (+ training state + report + the folder of sample images) and
+    the LoRA."""
 
     def __init__(self, save_name: str):
         tokens_dir = Path(default_folder(ID_TOKENS_FOLDER))
         self.tokens = tokens_dir / f"{save_name}.safetensors"
         self.state = tokens_dir / f"{save_name}.trainstate"
         self.report = tokens_dir / f"{save_name}.report.json"
+        self.samples = tokens_dir / f"{save_name}.samples"  # step_000400.png, one per sample round
         self.lora = Path(folder_paths.get_folder_paths("loras")[0]) / f"{save_name}.safetensors"
-        check_save_name(save_name, [p.name for p in (self.tokens, self.state, self.report, self.lora)])
+        check_save_name(save_name, [p.name for p in (self.tokens, self.state, self.report, self.samples, self.lora)])
 
     def check_free(self, resume_path: str | None, with_lora: bool) -> None:
         resuming_this = resume_path is not None and os.path.abspath(resume_path) == os.path.abspath(self.tokens)

@@ -5,6 +5,7 @@ keys and values from two contexts, and the precision the run computes in."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -20,7 +21,6 @@ from .id_encoding import single_token_id
 from .model_info import TOKENIZER_KEYS
 
 log = logging.getLogger("idfuse.nodes")
-
 
 
 def _template_text(template: str, word: str, index: int) -> str:
@@ -56,8 +56,12 @@ class SplicingTextEncoder:
     the late-2024 core and would cut the gradient.
     """
 
-    def __init__(self, clip, family: str, settings: TrainingSettings):
+    def __init__(self, clip, family: str, settings: TrainingSettings, templates: Sequence[str] | None = None):
+        """``templates``: the prompt table's templates (settings.templates, then the photos' caption templates);
+        without them settings.templates."""
         self.clip = clip
+        self.templates = tuple(settings.templates if templates is None else templates)
+        self.num_shared = len(settings.templates)
         self.names = TOKENIZER_KEYS[family]  # tokenizer key -> encoder name
         self.placeholder_ids = {k: single_token_id(clip, settings.placeholder, k, "placeholder") for k in self.names}
         self.initializer_ids = {k: single_token_id(clip, settings.initializer, k, "initialiser") for k in self.names}
@@ -66,29 +70,43 @@ class SplicingTextEncoder:
                                 "new, rare word such as 'sks'.")
         self.embeddings = {name: getattr(clip.cond_stage_model, name).transformer.get_input_embeddings()
                            for name in self.names.values()}
-        self.tokens = [clip.tokenize(_template_text(t, settings.placeholder, i)) for i, t in enumerate(settings.templates)]
-        self.reference_tokens = [clip.tokenize(_template_text(t, settings.initializer, i))
-                                 for i, t in enumerate(settings.templates)]
-        self.placeholder_positions = self._positions(self.tokens, self.placeholder_ids, settings)
-        self.reference_positions = self._positions(self.reference_tokens, self.initializer_ids, settings)
+        self.tokens = [clip.tokenize(self._text(i, settings.placeholder)) for i in range(len(self.templates))]
+        self.reference_tokens = [clip.tokenize(self._text(i, settings.initializer)) for i in range(len(self.templates))]
+        self.placeholder_positions = self._positions(self.tokens, self.placeholder_ids)
+        self.reference_positions = self._positions(self.reference_tokens, self.initializer_ids)
         self._vectors: dict[str, torch.Tensor] | None = None
 
-    def _positions(self, all_tokens: list[dict], ids: dict[str, int], settings: TrainingSettings) -> torch.Tensor:
+    def _label(self, index: int) -> str:
+        """How messages name template ``index``: a prompt template, or a photo's caption."""
+        if index < self.num_shared:
+            return f"Prompt template {index + 1} '{self.templates[index]}'"
+        return f"The caption template '{self.templates[index]}' (from a photo's caption)"
+
+    def _text(self, index: int, word: str) -> str:
+        if index < self.num_shared:
+            return _template_text(self.templates[index], word, index)
+        template = self.templates[index]
+        if template.count("{}") != 1:
+            raise TrainingError(f"{self._label(index)} must contain '{{}}' exactly once (where the placeholder goes); "
+                                f"edit the caption file.")
+        return template.replace("{}", word)
+
+    def _positions(self, all_tokens: list[dict], ids: dict[str, int]) -> torch.Tensor:
         positions = []
         for index, tokens in enumerate(all_tokens):
             found = set()
             for key, chunks in tokens.items():
                 if len(chunks) != 1:
-                    raise TrainingError(f"Prompt template {index + 1} '{settings.templates[index]}' is longer than one "
-                                        f"77-token chunk; use a shorter template.")
+                    raise TrainingError(f"{self._label(index)} is longer than one 77-token chunk; use a shorter "
+                                        f"{'template' if index < self.num_shared else 'caption'}.")
                 hits = [i for i, t in enumerate(chunks[0]) if isinstance(t[0], int) and t[0] == ids[key]]
                 if len(hits) != 1:
-                    raise TrainingError(f"Prompt template {index + 1} '{settings.templates[index]}' holds the word "
-                                        f"{len(hits)} times after tokenising; write the placeholder only once.")
+                    raise TrainingError(f"{self._label(index)} holds the word {len(hits)} times after tokenising; "
+                                        f"write the placeholder only once.")
                 found.add(hits[0])
             if len(found) != 1:
-                raise TrainingError(f"Prompt template {index + 1}: the text encoders put the word at different "
-                                    f"positions {sorted(found)}.")
+                raise TrainingError(f"{self._label(index)}: the text encoders put the word at different positions "
+                                    f"{sorted(found)}.")
             positions.append(found.pop())
         return torch.tensor(positions)
 

@@ -72,10 +72,27 @@ def parse_templates(text: str) -> tuple[str, ...]:
     return lines
 
 
-def parse_sample_prompts(text: str, placeholder_hint: str = "sks") -> tuple[str, ...]:
+def parse_sample_prompts(text: str, placeholder: str | None = None) -> tuple[str, ...]:
     """Sample prompts, one per line (empty: no sample images). Each must name the identity, by the
-    placeholder word or by {}; which one is checked against the trainer's placeholder when the run starts."""
-    return tuple(line.strip() for line in text.splitlines() if line.strip())
+    placeholder word or by {}. Without ``placeholder`` (Training Options does not know it) the lines as
+    written; with it (the run, before training) the prompts as rendered, {} replaced by the placeholder,
+    and a line naming neither is refused."""
+    import re  # here: the rest of this module has no use for it
+
+    lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if placeholder is None:
+        return tuple(line for _number, line in lines)
+    word = re.compile(rf"(?<![\w]){re.escape(placeholder)}(?![\w])", re.IGNORECASE)
+    prompts = []
+    for number, line in lines:
+        prompt = line.replace("{}", placeholder)
+        if not word.search(prompt):
+            raise IDFuseInputError(
+                f"sample_prompts line {number} '{line}' names neither the placeholder '{placeholder}' nor {{}}; "
+                f"write one of them where the person belongs, e.g. 'a photo of {placeholder} as an astronaut' or "
+                f"'{{}} as an astronaut, oil painting'.")
+        prompts.append(prompt)
+    return tuple(prompts)
 
 
 def check_generator_width(width: int, heads: int) -> int:
@@ -86,14 +103,14 @@ def check_generator_width(width: int, heads: int) -> int:
 
 
 def available_optimizers() -> list[str]:
-    """The optimisers that can run on this machine, for the widget (placeholder until the optimiser
-    registry lands: every name)."""
-    from ...models.training.settings import OPTIMIZERS
-    return list(OPTIMIZERS)
+    """The optimisers that can run on this machine, for the widget (AdamW8bit only with CUDA and bitsandbytes)."""
+    from ...models.training import optimizers
+    return optimizers.available_optimizers()
 
 
 def check_optimizer(name: str) -> str:
-    from ...models.training.settings import OPTIMIZERS
-    if name not in OPTIMIZERS:
-        raise TrainingError(f"optimizer '{name}' is not one of {', '.join(OPTIMIZERS)}.")
+    """``name`` if that optimiser can run here; else a TrainingError saying why and what to choose (a saved
+    workflow may name one this machine cannot run)."""
+    from ...models.training import optimizers
+    optimizers.optimizer_kind(name).require()
     return name

@@ -231,7 +231,7 @@ def test_train_identity_without_options_is_the_default_options_node(monkeypatch)
         def __init__(self, model, clip, vae, settings, save_name, resume_from):
             seen.append(settings)
 
-        def run(self, images, masks, face_analysis):
+        def run(self, images, masks, face_analysis, validation_images=None, training_photos=None):
             return ()
 
     monkeypatch.setattr(train_module, "TrainingRun", Capture)
