@@ -204,9 +204,11 @@ class IDFuseTrainingOptions:
                 "(measured); 1 = the weighting before 0.3.0. The training report shows each term's gradient share."),
                 round=False),
             "optimizer": choice_input("optimizer", available_optimizers(), (
-                "AdamW: the default. AdamW8bit (bitsandbytes; offered only with a CUDA GPU and bitsandbytes "
-                "installed): Adam moments in 8 bits, less memory. Prodigy (prodigyopt): finds its own step size; set "
-                "learning_rate to 1.0, its convention. A resumed run keeps its optimiser and its state.")),
+                "AdamW: the default (torch's, no weight decay). AdamW8bit (bitsandbytes; offered only with a CUDA GPU "
+                "and bitsandbytes installed): Adam moments in 8 bits, a quarter of AdamW's optimiser memory. Prodigy "
+                "(pip install prodigyopt): finds its own step size and multiplies it by learning_rate, so set "
+                "learning_rate to 1.0, its convention; no weight decay. A resumed run keeps its optimiser and its "
+                "state.")),
             "sample_prompts": text_input("sample_prompts", (
                 "Prompts rendered while training, one per line, each with the placeholder (or {} for it), e.g. "
                 "'sks as an astronaut, oil painting'. Empty = no sample images. Saved in "
@@ -223,6 +225,12 @@ class IDFuseTrainingOptions:
                 "validation_images, else the last photo, then not trained on) at fixed timesteps and noise, drawn "
                 "on the loss curve: when it rises while the training loss falls, the identity is overfitting.")),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, optimizer):
+        # A saved workflow may name an optimiser this machine does not offer (AdamW8bit without CUDA): ComfyUI's
+        # own check would only say "not in list"; check_optimizer in options() says why and what to do.
+        return True
 
     def options(self, num_stages: int, attention_mode: str, loss_layers: str, lora_targets: str, templates: str,
                 augmentation: str, resolution: int, batch_size: int, gradient_accumulation: int,

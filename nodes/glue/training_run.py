@@ -107,7 +107,7 @@ class TrainingRun:
     def _photos(self, images, masks, face_analysis, training_photos
                 ) -> tuple[torch.Tensor, torch.Tensor | None, list[str | None]]:
         """The photos from images or from training_photos (cropped around the face at the training size),
-        their masks (the masks input wins) and each photo's caption template (None: no caption)."""
+        their masks and each photo's caption template (None: no caption)."""
         if (images is None) == (training_photos is None):
             given = "both are connected" if images is not None else "neither is connected"
             raise TrainingError(f"IDFuse Train Identity takes its photos from images or from training_photos, and "
@@ -115,9 +115,13 @@ class TrainingRun:
                                 f"training_photos (IDFuse Load Training Photos: a folder, with optional captions).")
         if training_photos is None:
             return images, masks, [None] * images.shape[0]
+        if masks is not None:  # masks drawn on the photos would not line up with the trainer's face crops
+            raise TrainingError("masks belongs to the images input: with training_photos the trainer crops each photo "
+                                "around its face and makes the face masks on the crops. Disconnect masks, or connect "
+                                "the photos as images (e.g. Load Image) to train with your own masks.")
         crops, crop_masks, templates = photos_at_resolution(training_photos, face_analysis, self.settings.resolution,
                                                             self.settings.placeholder)
-        return crops, crop_masks if masks is None else masks, list(templates)
+        return crops, crop_masks, list(templates)
 
     def _held_out(self, images, masks, templates, validation_images):
         """With validation_loss: the photos scored and not trained on (validation_images, else the last photo,

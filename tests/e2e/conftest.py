@@ -7,7 +7,8 @@ skip (with the reason) when no full ComfyUI is found (``COMFYUI_PATH``, or the p
 
 Environment knobs: ``IDFUSE_E2E_STARTUP_TIMEOUT`` (s, default 180), ``IDFUSE_E2E_LOG_LEVEL``
 (server ``--verbose``, default INFO), ``IDFUSE_E2E_SERVER_ARGS`` (extra main.py arguments),
-``IDFUSE_E2E_CHECKPOINT_CACHE`` (a folder keeping the ~2 GB random checkpoint across sessions).
+``IDFUSE_E2E_CHECKPOINT_CACHE`` (a folder keeping the random checkpoints, ~2.1 GB SD1.5 and ~6.9 GB
+SDXL, across sessions).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 from comfy_env import ComfyInstall
 
-from .harness.checkpoints import write_random_sd15_checkpoint
+from .harness.checkpoints import available_memory_gib, write_random_checkpoint
 from .harness.client import ComfyClient
 from .harness.dirs import ServerDirs, prepare_base_dir
 from .harness.locate import comfyui_version, full_comfyui, missing_requirements
@@ -33,6 +34,11 @@ log = logging.getLogger(__name__)
 
 E2E_DIR = Path(__file__).resolve().parent
 SD15_CHECKPOINT_NAME = "idfuse-e2e-random-sd15.safetensors"
+SDXL_CHECKPOINT_NAME = "idfuse-e2e-random-sdxl.safetensors"
+# Memory the SDXL e2e tests take, measured on a CPU-only machine (ComfyUI 0.8, the sum over the test process and the
+# server): the server holds the checkpoint in fp32 (~13 GiB) from the first SDXL graph on; the token and Infinite-ID
+# tests peak at 16.2 GiB, the trainer test (2 steps at 256 px with a rank-4 LoRA, then LoraLoader) at 19.8 GiB.
+SDXL_SERVER_MEMORY_GIB = 20.0
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -107,6 +113,22 @@ def object_info(comfy_client: ComfyClient) -> dict[str, Any]:
     return comfy_client.object_info()
 
 
+def _random_checkpoint(family: str, name: str, comfyui_path: Path, comfy_dirs: ServerDirs) -> Iterator[Path]:
+    """The random ``family`` checkpoint in the server's models/checkpoints, kept in ``IDFUSE_E2E_CHECKPOINT_CACHE``
+    (symlinked) when that names a folder, else written for the session and deleted at its end."""
+    target = comfy_dirs.checkpoints / name
+    cache = os.environ.get("IDFUSE_E2E_CHECKPOINT_CACHE")
+    if cache:
+        cached = write_random_checkpoint(Path(cache) / name, family, comfy_root=comfyui_path)
+        if not target.is_symlink():
+            target.symlink_to(cached.resolve())
+    else:
+        write_random_checkpoint(target, family, comfy_root=comfyui_path)
+    yield target
+    if not cache:
+        target.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
 def sd15_checkpoint(comfyui_path: Path, comfy_dirs: ServerDirs) -> Iterator[Path]:
     """A random-weight SD1.5 checkpoint in the server's models/checkpoints (use ``.name`` in graphs).
@@ -114,17 +136,21 @@ def sd15_checkpoint(comfyui_path: Path, comfy_dirs: ServerDirs) -> Iterator[Path
     Written once per session (~20 s, ~2.1 GB fp16) and deleted at the end, unless
     ``IDFUSE_E2E_CHECKPOINT_CACHE`` names a folder to keep it in (then it is symlinked).
     """
-    target = comfy_dirs.checkpoints / SD15_CHECKPOINT_NAME
-    cache = os.environ.get("IDFUSE_E2E_CHECKPOINT_CACHE")
-    if cache:
-        cached = write_random_sd15_checkpoint(Path(cache) / SD15_CHECKPOINT_NAME, comfy_root=comfyui_path)
-        if not target.is_symlink():
-            target.symlink_to(cached.resolve())
-    else:
-        write_random_sd15_checkpoint(target, comfy_root=comfyui_path)
-    yield target
-    if not cache:
-        target.unlink(missing_ok=True)
+    yield from _random_checkpoint("sd15", SD15_CHECKPOINT_NAME, comfyui_path, comfy_dirs)
+
+
+@pytest.fixture(scope="session")
+def sdxl_checkpoint(comfyui_path: Path, comfy_dirs: ServerDirs) -> Iterator[Path]:
+    """A random-weight SDXL checkpoint (CLIP-L + CLIP-G, ~6.9 GB fp16) in the server's models/checkpoints.
+
+    Cached like ``sd15_checkpoint``. Skips (it is no failure of the pack) when the machine has less memory
+    available than the server needs to load it and run the SDXL tests (``SDXL_SERVER_MEMORY_GIB``).
+    """
+    available = available_memory_gib()
+    if available is not None and available < SDXL_SERVER_MEMORY_GIB:
+        pytest.skip(f"the SDXL e2e tests need ~{SDXL_SERVER_MEMORY_GIB:.0f} GiB of available memory (ComfyUI loads "
+                    f"the checkpoint in fp32 on the CPU), only {available:.1f} GiB available")
+    yield from _random_checkpoint("sdxl", SDXL_CHECKPOINT_NAME, comfyui_path, comfy_dirs)
 
 
 @pytest.fixture()
@@ -145,3 +171,14 @@ def face_models(comfy_dirs):
     canvas = np.full((512, 512, 3), 128, np.uint8)
     canvas[144:368, 144:368] = np.asarray(Image.fromarray(photo).resize((224, 224), Image.BICUBIC))
     Image.fromarray(canvas).save(comfy_dirs.input / "face.png")
+
+
+@pytest.fixture()
+def sdxl_face_models(face_models, comfy_dirs):
+    """``face_models`` plus a FaceID encoder of the real SDXL widths (2048-wide ID tokens, SDXL's attention
+    processors and LoRA; ~1.07 GB in fp16) as ``ipadapter/ip-adapter-faceid_sdxl.bin``."""
+    from ip_adapter_files import REAL, write_faceid
+
+    encoder = comfy_dirs.model_folder("ipadapter") / "ip-adapter-faceid_sdxl.bin"
+    if not encoder.exists():
+        write_faceid(encoder, "faceid", "sdxl", REAL)

@@ -120,20 +120,14 @@ def test_without_captions_the_prompt_table_is_the_templates(parts, monkeypatch):
     assert trainer.data.photo_templates is None and trainer.prompts.num_templates == 1
 
 
-def test_the_masks_input_wins_over_the_crops_masks(parts, monkeypatch):
-    _fake_folder(monkeypatch, parts, [None, None])
-    seen = []
-    real_prepare = training_run.prepare_photos
-
-    def prepare(images, masks, resolution):
-        seen.append(masks)
-        return real_prepare(images, masks, resolution)
-
-    monkeypatch.setattr(training_run, "prepare_photos", prepare)
+def test_masks_with_training_photos_are_refused_before_any_work(parts, monkeypatch):
+    """Masks drawn on the photos would not line up with the trainer's face crops."""
+    calls = _fake_folder(monkeypatch, parts, [None, None])
     given = torch.zeros(2, SIZE, SIZE)
     given[:, 10:60, 10:60] = 1
-    train(parts, "inputs_masks_win", images=None, masks=given, training_photos=object(), **SMALL)
-    assert seen[0] is given
+    with pytest.raises(TrainingError, match="masks belongs to the images input"):
+        train(parts, "inputs_masks_refused", images=None, masks=given, training_photos=object(), **SMALL)
+    assert calls == []
 
 
 def test_a_resumed_run_warns_when_the_captions_changed(parts, monkeypatch, caplog):

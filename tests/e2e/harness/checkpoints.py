@@ -1,13 +1,14 @@
-"""Random-weight checkpoints in the real single-file layouts, for end-to-end tests.
+"""Random-weight checkpoints in the real single-file layouts (SD1.5, SDXL), for end-to-end tests.
 
-The key names and shapes come from ComfyUI's own modules (SD1.5 UNet through
-``comfy.supported_models.SD15``, CLIP-L through ``comfy.sd1_clip.SDClipModel``, the SD VAE
-through ``AutoencoderKL``), built on the meta device in a subprocess running the full
-ComfyUI with this interpreter, so the test process never imports ``comfy``. The subprocess
-also checks that ComfyUI's model detection recognises the layout as SD1.5.
+The key names and shapes come from ComfyUI's own modules (the UNet through
+``comfy.supported_models.SD15`` / ``SDXL``, the text encoders through the config's CLIP class:
+CLIP-L, or CLIP-L + CLIP-G for SDXL; the VAE through ``AutoencoderKL``), built on the meta
+device in a subprocess running the full ComfyUI with this interpreter, so the test process
+never imports ``comfy``. The keys are renamed as ComfyUI's checkpoint saving does, and the
+subprocess checks that ComfyUI's model detection recognises the layout as the family asked for.
 
 The file is streamed tensor by tensor (in chunks) into safetensors' format: memory stays
-small although the SD1.5 file is ~2.1 GB in fp16.
+small although the files are ~2.1 GB (SD1.5) and ~6.9 GB (SDXL) in fp16.
 """
 
 from __future__ import annotations
@@ -56,36 +57,50 @@ class TensorSpec:
         return math.prod(self.shape)
 
 
-# Runs inside ``python -c`` with argv [comfy_root]; prints {"entries": [...], "detected": ..., "clip": ...}.
-_SD15_TABLE_SCRIPT = r"""
+# Runs inside ``python -c`` with argv [comfy_root, family]; prints {"entries": [...], "detected": ..., "clip": ...}.
+# The UNet, text encoders and VAE are built on the meta device and their state dicts renamed by the
+# model config's own ``process_*_state_dict_for_saving`` (what ComfyUI's checkpoint saving does), so the
+# keys are those of a real single file (SDXL's CLIP-G in OpenCLIP layout, q/k/v fused). Each tensor's fill
+# is carried through the renaming by a one-element stand-in per key holding its fill code.
+_TABLE_SCRIPT = r"""
 import json, sys
-comfy_root = sys.argv[1]
+comfy_root, family = sys.argv[1], sys.argv[2]
 sys.path.insert(0, comfy_root)
 sys.argv = [sys.argv[0], "--cpu"]
 import comfy.options
 comfy.options.enable_args_parsing()
 import torch
 import comfy.model_detection
-import comfy.sd1_clip
 import comfy.supported_models
 from comfy.ldm.models.autoencoder import AutoencoderKL
 
-# detect_unet_config's answer for a real SD1.5 checkpoint (comfy/model_detection.py).
-SD15_UNET = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-    "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-    "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
-    "context_dim": 768, "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "use_temporal_attention": False, "use_temporal_resblock": False,
+# detect_unet_config's answers for real SD1.5 and SDXL checkpoints (comfy/model_detection.py).
+UNETS = {
+    "sd15": ("SD15", {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
+        "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+        "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
+        "context_dim": 768, "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        "use_temporal_attention": False, "use_temporal_resblock": False,
+    }),
+    "sdxl": ("SDXL", {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+        "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+        "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
+        "context_dim": 2048, "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+        "use_temporal_attention": False, "use_temporal_resblock": False,
+    }),
 }
-# The default SD1.x/SD2.x VAE of comfy/sd.py.
+# The SD VAE of comfy/sd.py (SDXL's VAE has the same layout; only its weights and latent scale differ).
 SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
           "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
 NORMS = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+FILLS = ("normal", "ones", "zeros")
 
 
-def table(module, prefix, keep=lambda key: True):
+def fills(module):
     init = {}
     for module_name, sub in module.named_modules():
         tensors = list(sub.named_parameters(recurse=False)) + list(sub.named_buffers(recurse=False))
@@ -97,19 +112,36 @@ def table(module, prefix, keep=lambda key: True):
                 init[key] = "ones"
             else:
                 init[key] = "normal"
-    return [[prefix + key, list(t.shape), init.get(key, "normal")]
-            for key, t in module.state_dict().items() if keep(key)]
+    return init
 
 
+def table(module, rename):
+    # rename: the config's process_*_state_dict_for_saving; applied to the meta tensors (shapes) and
+    # to one-element stand-ins holding each key's fill code (which fused or transposed keys keep).
+    init = fills(module)
+    state = dict(module.state_dict())
+    codes = {key: torch.full([1] * t.dim(), float(FILLS.index(init.get(key, "normal"))))
+             for key, t in module.state_dict().items()}
+    state, codes = rename(state), rename(codes)
+    entries = []
+    for key, t in state.items():
+        if not t.is_floating_point():
+            continue  # SDXL's saver adds CLIP-L's int64 position_ids, which the loader does not use
+        code = codes[key].unique()
+        assert code.numel() == 1, key
+        entries.append([key, list(t.shape), FILLS[int(code.item())]])
+    return entries
+
+
+config_name, unet_config = UNETS[family]
 with torch.device("meta"):
-    config = comfy.supported_models.SD15(dict(SD15_UNET))
+    config = getattr(comfy.supported_models, config_name)(dict(unet_config))
     unet = config.get_model({}, "", device=torch.device("meta")).diffusion_model
-    clip = comfy.sd1_clip.SDClipModel(device="meta", dtype=torch.float16)
+    clip = config.clip_target().clip(device="meta", dtype=torch.float16)
     vae = AutoencoderKL(ddconfig=SD_VAE, embed_dim=4)
-entries = (table(unet, "model.diffusion_model.")
-           # SD1.x files carry neither text_projection nor logit_scale: ComfyUI expects that.
-           + table(clip.transformer, "cond_stage_model.transformer.", keep=lambda k: k.startswith("text_model."))
-           + table(vae, "first_stage_model."))
+entries = (table(unet, config.process_unet_state_dict_for_saving)
+           + table(clip, config.process_clip_state_dict_for_saving)
+           + table(vae, config.process_vae_state_dict_for_saving))
 meta_sd = {key: torch.empty(shape, dtype=torch.float16, device="meta") for key, shape, _ in entries}
 prefix = comfy.model_detection.unet_prefix_from_state_dict(meta_sd)
 detected = comfy.model_detection.model_config_from_unet(meta_sd, prefix)
@@ -165,17 +197,33 @@ def _run_comfy_script(script: str, comfy_root: Path, args: Sequence[str], python
     return dict(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
+@dataclass(frozen=True)
+class Family:
+    """A checkpoint family: the ComfyUI model config and text-encoder class its detection must answer."""
+
+    label: str
+    model_config: str
+    clip: str
+
+
+FAMILIES: dict[str, Family] = {
+    "sd15": Family("SD1.5", "SD15", "SD1ClipModel"),
+    "sdxl": Family("SDXL", "SDXL", "SDXLClipModel"),
+}
+
+
 @functools.lru_cache(maxsize=4)
-def sd15_tensor_specs(comfy_root: Path, python: str = sys.executable) -> tuple[TensorSpec, ...]:
-    """Keys, shapes and fills of a real SD1.5 single-file checkpoint, sorted by key."""
+def checkpoint_tensor_specs(family: str, comfy_root: Path, python: str = sys.executable) -> tuple[TensorSpec, ...]:
+    """Keys, shapes and fills of a real single-file checkpoint of ``family`` (``FAMILIES``), sorted by key."""
+    expected = FAMILIES[family]
     started = time.monotonic()
-    answer = _run_comfy_script(_SD15_TABLE_SCRIPT, comfy_root, [], python, timeout=600)
-    if answer["detected"] != "SD15" or answer["clip"] != "SD1ClipModel":
+    answer = _run_comfy_script(_TABLE_SCRIPT, comfy_root, [family], python, timeout=600)
+    if answer["detected"] != expected.model_config or answer["clip"] != expected.clip:
         raise RuntimeError(f"ComfyUI detects the generated layout as {answer['detected']} / {answer['clip']}, "
-                           "not SD15 / SD1ClipModel")
+                           f"not {expected.model_config} / {expected.clip}")
     specs = tuple(sorted((TensorSpec(key, tuple(shape), init) for key, shape, init in answer["entries"]),
                          key=lambda spec: spec.key))
-    log.info("SD1.5 key table: %d tensors, %.0f M values (%.1f s)", len(specs),
+    log.info("%s key table: %d tensors, %.0f M values (%.1f s)", expected.label, len(specs),
              sum(spec.numel for spec in specs) / 1e6, time.monotonic() - started)
     return specs
 
@@ -238,9 +286,9 @@ def _table_digest(specs: Sequence[TensorSpec]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
-def write_random_sd15_checkpoint(path: str | os.PathLike[str], dtype: torch.dtype = torch.float16, seed: int = 0,
-                                 *, comfy_root: Path | None = None, python: str = sys.executable) -> Path:
-    """Write a random-weight SD1.5 checkpoint that ``CheckpointLoaderSimple`` loads as SD1.5.
+def write_random_checkpoint(path: str | os.PathLike[str], family: str, dtype: torch.dtype = torch.float16,
+                            seed: int = 0, *, comfy_root: Path | None = None, python: str = sys.executable) -> Path:
+    """Write a random-weight checkpoint that ``CheckpointLoaderSimple`` loads as ``family`` (sd15 or sdxl).
 
     ``comfy_root`` defaults to the full ComfyUI that ``comfy_env`` finds (``COMFYUI_PATH`` or an
     ancestor of the pack). Reuses ``path`` when it already holds this exact file (same key table,
@@ -251,10 +299,10 @@ def write_random_sd15_checkpoint(path: str | os.PathLike[str], dtype: torch.dtyp
         if location.path is None:
             raise RuntimeError(location.reason)
         comfy_root = location.path
-    specs = sd15_tensor_specs(Path(comfy_root), python)
+    specs = checkpoint_tensor_specs(family, Path(comfy_root), python)
     metadata = {
         "format": "pt",
-        "idfuse_e2e": "random-sd15",
+        "idfuse_e2e": f"random-{family}",
         "idfuse_e2e_layout": _table_digest(specs),
         "idfuse_e2e_fill": f"{SAFETENSORS_DTYPES[dtype]}-seed{seed}-std{NORMAL_STD}",
     }
@@ -272,6 +320,16 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
         (length,) = struct.unpack("<Q", handle.read(8))
         header = json.loads(handle.read(length))
     return dict(header.get("__metadata__") or {})
+
+
+def available_memory_gib() -> float | None:
+    """MemAvailable of /proc/meminfo in GiB (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            fields = dict(line.split(":", 1) for line in handle)
+    except OSError:
+        return None
+    return int(fields["MemAvailable"].split()[0]) / (1 << 20)
 
 
 @dataclass(frozen=True)
