@@ -10,6 +10,6 @@ in ``tests/e2e/conftest.py``):
 * ``client``: the HTTP client (queue a prompt, wait for its history, fail with the node,
   exception and traceback).
 * ``workflow``: a workflow saved by the frontend converted into the API format.
-* ``checkpoints``: random-weight checkpoints in the real single-file layouts, and the key
-  complaints ComfyUI logs when loading one.
+* ``checkpoints``: random-weight SD1.5 and SDXL checkpoints in the real single-file layouts, the
+  key complaints ComfyUI logs when loading one, and the memory available to load one.
 """
