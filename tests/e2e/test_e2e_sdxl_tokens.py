@@ -11,7 +11,7 @@ from factories import make_id_tokens
 from PIL import Image
 
 from .harness.client import ExecutionFailed
-from .harness.workflow import load_workflow, override_inputs, ui_to_api
+from .harness.workflow import load_workflow, override_inputs, ui_to_api, without_identity
 
 WORKFLOW = PACK_ROOT / "example_workflows" / "idfuse_sdxl_tokens.json"
 SIZE = 256
@@ -49,14 +49,7 @@ def test_e2e_sdxl_tokens_example_workflow(sdxl_checkpoint, comfy_client, comfy_d
     without = _pixels(comfy_client, comfy_client.run(off, timeout=TIMEOUT))
     assert not np.array_equal(with_identity, without)
 
-    plain = copy.deepcopy(api)
-    encode_id = next(i for i, n in plain.items() if n["class_type"] == "IDFuseEncodeWithID")
-    apply_id = next(i for i, n in plain.items() if n["class_type"] == "IDFuseApplyIDTokens")
-    sampler = next(i for i, n in plain.items() if n["class_type"] == "KSampler")
-    text = plain[encode_id]["inputs"]["text"].replace("sks", "person")
-    plain[encode_id] = {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": plain[encode_id]["inputs"]["clip"]}}
-    plain[sampler]["inputs"]["model"] = plain[apply_id]["inputs"]["model"]
-    del plain[apply_id]
+    plain = without_identity(api)
     assert np.array_equal(_pixels(comfy_client, comfy_client.run(plain, timeout=TIMEOUT)), without)
 
 

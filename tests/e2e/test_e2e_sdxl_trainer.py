@@ -9,7 +9,7 @@ import numpy as np
 from comfy_env import PACK_ROOT
 from PIL import Image
 
-from .harness.workflow import load_workflow, override_inputs, ui_to_api
+from .harness.workflow import load_workflow, override_inputs, trained_files_graph, ui_to_api
 
 WORKFLOW = PACK_ROOT / "example_workflows" / "idfuse_sdxl_train_identity.json"
 SIZE = 256
@@ -60,24 +60,7 @@ def test_e2e_sdxl_trainer_workflow_then_lora_loader(sdxl_checkpoint, comfy_clien
     # The saved files, used the ordinary way: every LoRA key must land on SDXL's layers.
     info = comfy_client.object_info()  # again: the new files are listed now
     assert lora.name in info["LoraLoader"]["input"]["required"]["lora_name"][0]
-    graph = {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": sdxl_checkpoint.name}},
-        "lora": {"class_type": "LoraLoader", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "lora_name": lora.name,
-                                                         "strength_model": 1.0, "strength_clip": 1.0}},
-        "tokens": {"class_type": "IDFuseLoadIDTokens", "inputs": {"tokens_name": tokens.name}},
-        "encode": {"class_type": "IDFuseEncodeWithID", "inputs": {"clip": ["lora", 1], "id_tokens": ["tokens", 0],
-                                                                  "text": "an old sks person, oil painting"}},
-        "negative": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["lora", 1], "text": "blurry"}},
-        "apply": {"class_type": "IDFuseApplyIDTokens", "inputs": {"model": ["lora", 0], "conditioning": ["encode", 0],
-                                                                  "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}},
-        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
-        "sample": {"class_type": "KSampler", "inputs": {"model": ["apply", 0], "positive": ["encode", 0],
-                                                        "negative": ["negative", 0], "latent_image": ["latent", 0],
-                                                        "seed": 1, "steps": 2, "cfg": 5.0, "sampler_name": "euler",
-                                                        "scheduler": "normal", "denoise": 1.0}},
-        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
-        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "e2e_sdxl_trained"}},
-    }
+    graph = trained_files_graph(sdxl_checkpoint.name, lora.name, tokens.name, SIZE, "e2e_sdxl_trained")
     (path,) = comfy_client.output_files(comfy_client.run(graph, timeout=1800))
     assert np.asarray(Image.open(path)).shape == (SIZE, SIZE, 3)
     assert "lora key not loaded" not in comfy_server.log_text()

@@ -8,7 +8,7 @@ import numpy as np
 from comfy_env import PACK_ROOT
 from PIL import Image
 
-from .harness.workflow import load_workflow, override_inputs, ui_to_api
+from .harness.workflow import load_workflow, override_inputs, trained_files_graph, ui_to_api
 
 WORKFLOW = PACK_ROOT / "example_workflows" / "idfuse_train_identity.json"
 
@@ -52,24 +52,7 @@ def test_e2e_trainer_workflow_then_lora_loader(comfy_client, comfy_server, comfy
     # The saved files, used the ordinary way: core's LoraLoader and the token nodes.
     info = comfy_client.object_info()  # again: the new files are listed now
     assert "e2e_identity.safetensors" in info["LoraLoader"]["input"]["required"]["lora_name"][0]
-    graph = {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": sd15_checkpoint.name}},
-        "lora": {"class_type": "LoraLoader", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "lora_name": lora.name,
-                                                         "strength_model": 1.0, "strength_clip": 1.0}},
-        "tokens": {"class_type": "IDFuseLoadIDTokens", "inputs": {"tokens_name": tokens.name}},
-        "encode": {"class_type": "IDFuseEncodeWithID", "inputs": {"clip": ["lora", 1], "id_tokens": ["tokens", 0],
-                                                                  "text": "an old sks person, oil painting"}},
-        "negative": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["lora", 1], "text": "blurry"}},
-        "apply": {"class_type": "IDFuseApplyIDTokens", "inputs": {"model": ["lora", 0], "conditioning": ["encode", 0],
-                                                                  "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}},
-        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "sample": {"class_type": "KSampler", "inputs": {"model": ["apply", 0], "positive": ["encode", 0],
-                                                        "negative": ["negative", 0], "latent_image": ["latent", 0],
-                                                        "seed": 1, "steps": 2, "cfg": 5.0, "sampler_name": "euler",
-                                                        "scheduler": "normal", "denoise": 1.0}},
-        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
-        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "e2e_trained"}},
-    }
+    graph = trained_files_graph(sd15_checkpoint.name, lora.name, tokens.name, 64, "e2e_trained")
     (path,) = comfy_client.output_files(comfy_client.run(graph, timeout=600))
     assert np.asarray(Image.open(path)).shape == (64, 64, 3)
     assert "lora key not loaded" not in comfy_server.log_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -258,3 +259,43 @@ def strip_meta(api_graph: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str
     """The graph without ``_meta`` (for comparisons)."""
     return {node_id: {key: value for key, value in node.items() if key != "_meta"}
             for node_id, node in api_graph.items()}
+
+
+def without_identity(api_graph: Mapping[str, Mapping[str, Any]], placeholder: str = "sks",
+                     initializer: str = "person") -> dict[str, dict[str, Any]]:
+    """A token workflow's graph as a plain prompt: IDFuse Encode With ID becomes CLIPTextEncode of the text with
+    the initialiser word in the placeholder's place, and IDFuse Apply ID Tokens is taken out (the sampler gets
+    its input model)."""
+    plain = copy.deepcopy(dict(api_graph))
+    encode_id = next(i for i, n in plain.items() if n["class_type"] == "IDFuseEncodeWithID")
+    apply_id = next(i for i, n in plain.items() if n["class_type"] == "IDFuseApplyIDTokens")
+    sampler = next(i for i, n in plain.items() if n["class_type"] == "KSampler")
+    text = plain[encode_id]["inputs"]["text"].replace(placeholder, initializer)
+    plain[encode_id] = {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": plain[encode_id]["inputs"]["clip"]}}
+    plain[sampler]["inputs"]["model"] = plain[apply_id]["inputs"]["model"]
+    del plain[apply_id]
+    return plain
+
+
+def trained_files_graph(checkpoint: str, lora: str, tokens: str, size: int, filename_prefix: str
+                        ) -> dict[str, dict[str, Any]]:
+    """A trained identity used the ordinary way: core's LoraLoader with its LoRA, the token nodes with its tokens,
+    a 2-step KSampler at size², saved."""
+    return {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "lora": {"class_type": "LoraLoader", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "lora_name": lora,
+                                                         "strength_model": 1.0, "strength_clip": 1.0}},
+        "tokens": {"class_type": "IDFuseLoadIDTokens", "inputs": {"tokens_name": tokens}},
+        "encode": {"class_type": "IDFuseEncodeWithID", "inputs": {"clip": ["lora", 1], "id_tokens": ["tokens", 0],
+                                                                  "text": "an old sks person, oil painting"}},
+        "negative": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["lora", 1], "text": "blurry"}},
+        "apply": {"class_type": "IDFuseApplyIDTokens", "inputs": {"model": ["lora", 0], "conditioning": ["encode", 0],
+                                                                  "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "sample": {"class_type": "KSampler", "inputs": {"model": ["apply", 0], "positive": ["encode", 0],
+                                                        "negative": ["negative", 0], "latent_image": ["latent", 0],
+                                                        "seed": 1, "steps": 2, "cfg": 5.0, "sampler_name": "euler",
+                                                        "scheduler": "normal", "denoise": 1.0}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": filename_prefix}},
+    }
