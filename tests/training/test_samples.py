@@ -91,12 +91,24 @@ class SampleSpy:
 
 @pytest.fixture(scope="module")
 def runs(parts):
-    """The same run with sample images (twice, for determinism) and without."""
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        spy = SampleSpy(monkeypatch, parts["model"].model.diffusion_model)
-        sampled = train(parts, "samples_a", **SAMPLED)
-    again = train(parts, "samples_b", **SAMPLED)
-    plain = train(parts, "samples_none", **{**SAMPLED, "sample_prompts": ""})
+    """The same run with sample images (twice, for determinism) and without.
+
+    ComfyUI's CPU attention (sub-quadratic) and its batching of conds choose chunk sizes from the free memory,
+    which changes the order of float sums: the free memory the runs see is fixed, so a machine busy with other
+    work cannot make two identical runs differ in their last bits."""
+    import comfy.model_management
+
+    def fixed_free_memory(dev=None, torch_free_too=False):
+        free = 8 * 1024 ** 3
+        return (free, free) if torch_free_too else free
+
+    with pytest.MonkeyPatch.context() as fixed:
+        fixed.setattr(comfy.model_management, "get_free_memory", fixed_free_memory)
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            spy = SampleSpy(monkeypatch, parts["model"].model.diffusion_model)
+            sampled = train(parts, "samples_a", **SAMPLED)
+        again = train(parts, "samples_b", **SAMPLED)
+        plain = train(parts, "samples_none", **{**SAMPLED, "sample_prompts": ""})
     return {"sampled": sampled, "again": again, "plain": plain, "spy": spy}
 
 
