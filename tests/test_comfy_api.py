@@ -182,6 +182,7 @@ CALLS: tuple[Call, ...] = (
     Call("folder_paths.get_filename_list", 1, needs_full=True),
     Call("folder_paths.get_full_path", 2, needs_full=True),
     Call("folder_paths.get_folder_paths", 1, needs_full=True),
+    Call("folder_paths.get_input_directory", 0, needs_full=True),  # IDFuse Load Training Photos' folders
     Call("folder_paths.add_model_folder_path", 2, ("is_default",), needs_full=True),
 )
 
