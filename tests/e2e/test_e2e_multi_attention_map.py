@@ -12,7 +12,7 @@ from factories import make_id_tokens
 from PIL import Image
 
 from .harness.client import ComfyClient
-from .harness.workflow import load_workflow, override_inputs, ui_to_api
+from .harness.workflow import load_workflow, override_inputs, small_sampling, ui_to_api
 
 WORKFLOW = PACK_ROOT / "example_workflows" / "idfuse_attention_map.json"
 
@@ -32,19 +32,13 @@ def _images(client, outputs, node_id):
     return [np.asarray(Image.open(client.output_path(item))) for item in outputs[node_id]["images"]]
 
 
-def _small(api, checkpoint, seed):
-    override_inputs(api, "CheckpointLoaderSimple", ckpt_name=checkpoint.name)
-    override_inputs(api, "KSampler", steps=4, seed=seed)
-    override_inputs(api, "EmptyLatentImage", width=64, height=64)
-    return api
-
 
 def test_e2e_multi_attention_map_example_workflow(client, comfy_dirs, sd15_checkpoint):
     make_id_tokens("sd15", scale=0.5).save(comfy_dirs.model_folder("idfuse/tokens") / "my_identity.safetensors")
     info = client.object_info()
     for node in ("IDFuseAttentionMap", "IDFuseShowAttentionMap"):
         assert node in info and info[node]["description"], f"{node} is not registered or has no description"
-    api = _small(ui_to_api(load_workflow(WORKFLOW), info), sd15_checkpoint, seed=7)
+    api = small_sampling(ui_to_api(load_workflow(WORKFLOW), info), sd15_checkpoint.name, seed=7, steps=4)
     save, heat, shares = _node(api, "SaveImage"), _node(api, "PreviewImage"), _node(api, "PreviewAny")
 
     outputs = client.run(api, timeout=900)
@@ -65,7 +59,7 @@ def test_e2e_multi_attention_map_example_workflow(client, comfy_dirs, sd15_check
 
     # Another seed: the Attention Map node is cached (same inputs), the sampling runs again and the heat maps are
     # those of the new run alone: equal to a run in which the node itself ran again.
-    reseeded = _small(copy.deepcopy(api), sd15_checkpoint, seed=8)
+    reseeded = small_sampling(copy.deepcopy(api), sd15_checkpoint.name, seed=8, steps=4)
     cached_maps = _images(client, client.run(reseeded, timeout=900), heat)
     fresh = copy.deepcopy(reseeded)
     override_inputs(fresh, "IDFuseAttentionMap", words="sks,hat")  # the same words: the node runs anew

@@ -7,16 +7,11 @@ import copy
 import numpy as np
 from comfy_env import PACK_ROOT
 from factories import make_id_tokens
-from PIL import Image
 
 from .harness.workflow import load_workflow, override_inputs, ui_to_api
 
 WORKFLOW = PACK_ROOT / "example_workflows" / "idfuse_tokens_two_people.json"
 
-
-def _pixels(client, outputs) -> np.ndarray:
-    (path,) = client.output_files(outputs)
-    return np.asarray(Image.open(path))
 
 
 def _api(client, dirs, checkpoint, second_placeholder="ohwx"):
@@ -43,17 +38,17 @@ def test_e2e_multi_tokens_two_people_workflow(comfy_client, comfy_dirs, sd15_che
     api = _api(comfy_client, comfy_dirs, sd15_checkpoint)
     combine = next(i for i, n in api.items() if n["class_type"] == "IDFuseCombineIDTokens")
     assert {"mask_a", "mask_b"} <= set(api[combine]["inputs"])  # the example shows the regions
-    with_regions = _pixels(comfy_client, comfy_client.run(api))
+    with_regions = comfy_client.output_pixels(comfy_client.run(api))
     assert with_regions.shape == (64, 64, 3)
 
     free = copy.deepcopy(api)
     del free[combine]["inputs"]["mask_a"], free[combine]["inputs"]["mask_b"]
-    without_regions = _pixels(comfy_client, comfy_client.run(free))
+    without_regions = comfy_client.output_pixels(comfy_client.run(free))
     assert not np.array_equal(with_regions, without_regions)
 
     off = copy.deepcopy(api)
     override_inputs(off, "IDFuseApplyIDTokens", strength=0.0)
-    plain = _pixels(comfy_client, comfy_client.run(off))
+    plain = comfy_client.output_pixels(comfy_client.run(off))
     assert not np.array_equal(plain, with_regions) and not np.array_equal(plain, without_regions)
 
 

@@ -8,26 +8,15 @@ import copy
 import numpy as np
 from comfy_env import PACK_ROOT
 from factories import make_id_tokens
-from PIL import Image
 
 from .harness.client import ExecutionFailed
-from .harness.workflow import load_workflow, override_inputs, ui_to_api, without_identity
+from .harness.workflow import load_workflow, override_inputs, small_sampling, ui_to_api, without_identity
 
 WORKFLOW = PACK_ROOT / "example_workflows" / "idfuse_sdxl_tokens.json"
 SIZE = 256
 TIMEOUT = 1800
 
 
-def _pixels(client, outputs) -> np.ndarray:
-    (path,) = client.output_files(outputs)
-    return np.asarray(Image.open(path))
-
-
-def _small(api, checkpoint, seed):
-    override_inputs(api, "CheckpointLoaderSimple", ckpt_name=checkpoint.name)
-    override_inputs(api, "KSampler", steps=2, seed=seed)
-    override_inputs(api, "EmptyLatentImage", width=SIZE, height=SIZE)
-    return api
 
 
 def test_e2e_sdxl_tokens_example_workflow(sdxl_checkpoint, comfy_client, comfy_dirs):
@@ -39,23 +28,24 @@ def test_e2e_sdxl_tokens_example_workflow(sdxl_checkpoint, comfy_client, comfy_d
     info = comfy_client.object_info()
     assert "my_identity_sdxl.safetensors" in info["IDFuseLoadIDTokens"]["input"]["required"]["tokens_name"][0]
 
-    api = _small(ui_to_api(workflow, info), sdxl_checkpoint, seed=7)
-    with_identity = _pixels(comfy_client, comfy_client.run(api, timeout=TIMEOUT))
+    api = small_sampling(ui_to_api(workflow, info), sdxl_checkpoint.name, seed=7, size=SIZE)
+    with_identity = comfy_client.output_pixels(comfy_client.run(api, timeout=TIMEOUT))
     assert with_identity.shape == (SIZE, SIZE, 3)
 
     # strength 0 gives exactly the plain prompt with the initialiser word (both text encoders, pooled output too).
     off = copy.deepcopy(api)
     override_inputs(off, "IDFuseApplyIDTokens", strength=0.0)
-    without = _pixels(comfy_client, comfy_client.run(off, timeout=TIMEOUT))
+    without = comfy_client.output_pixels(comfy_client.run(off, timeout=TIMEOUT))
     assert not np.array_equal(with_identity, without)
 
     plain = without_identity(api)
-    assert np.array_equal(_pixels(comfy_client, comfy_client.run(plain, timeout=TIMEOUT)), without)
+    assert np.array_equal(comfy_client.output_pixels(comfy_client.run(plain, timeout=TIMEOUT)), without)
 
 
 def test_e2e_sdxl_tokens_of_sd15_are_refused_on_sdxl(sdxl_checkpoint, comfy_client, comfy_dirs):
     make_id_tokens("sd15").save(comfy_dirs.model_folder("idfuse/tokens") / "sd15_identity.safetensors")
-    api = _small(ui_to_api(load_workflow(WORKFLOW), comfy_client.object_info()), sdxl_checkpoint, seed=8)
+    api = small_sampling(ui_to_api(load_workflow(WORKFLOW), comfy_client.object_info()), sdxl_checkpoint.name,
+                         seed=8, size=SIZE)
     override_inputs(api, "IDFuseLoadIDTokens", tokens_name="sd15_identity.safetensors")
     try:
         comfy_client.run(api, timeout=TIMEOUT)

@@ -7,23 +7,12 @@ import copy
 import numpy as np
 from comfy_env import PACK_ROOT
 from factories import make_id_tokens
-from PIL import Image
 
-from .harness.workflow import load_workflow, override_inputs, ui_to_api, without_identity
+from .harness.workflow import load_workflow, override_inputs, small_sampling, ui_to_api, without_identity
 
 WORKFLOW = PACK_ROOT / "example_workflows" / "idfuse_tokens_basic.json"
 
 
-def _pixels(client, outputs) -> np.ndarray:
-    (path,) = client.output_files(outputs)
-    return np.asarray(Image.open(path))
-
-
-def _small(api, checkpoint, seed):
-    override_inputs(api, "CheckpointLoaderSimple", ckpt_name=checkpoint.name)
-    override_inputs(api, "KSampler", steps=2, seed=seed)
-    override_inputs(api, "EmptyLatentImage", width=64, height=64)
-    return api
 
 
 def test_e2e_tokens_example_workflow(comfy_client, comfy_dirs, sd15_checkpoint):
@@ -35,18 +24,18 @@ def test_e2e_tokens_example_workflow(comfy_client, comfy_dirs, sd15_checkpoint):
         assert info[node]["description"], f"{node} has no description"
     assert "my_identity.safetensors" in info["IDFuseLoadIDTokens"]["input"]["required"]["tokens_name"][0]
 
-    api = _small(ui_to_api(load_workflow(WORKFLOW), info), sd15_checkpoint, seed=7)
-    with_identity = _pixels(comfy_client, comfy_client.run(api))
+    api = small_sampling(ui_to_api(load_workflow(WORKFLOW), info), sd15_checkpoint.name, seed=7)
+    with_identity = comfy_client.output_pixels(comfy_client.run(api))
     assert with_identity.shape == (64, 64, 3)
 
     # strength 0 gives exactly the plain prompt with the initialiser word, through the whole server.
     off = copy.deepcopy(api)
     override_inputs(off, "IDFuseApplyIDTokens", strength=0.0)
-    without = _pixels(comfy_client, comfy_client.run(off))
+    without = comfy_client.output_pixels(comfy_client.run(off))
     assert not np.array_equal(with_identity, without)
 
     plain = without_identity(api)
-    assert np.array_equal(_pixels(comfy_client, comfy_client.run(plain)), without)
+    assert np.array_equal(comfy_client.output_pixels(comfy_client.run(plain)), without)
 
 
 def test_e2e_tokens_clear_error_for_prompt_without_placeholder(comfy_client, comfy_dirs, sd15_checkpoint):
@@ -54,7 +43,7 @@ def test_e2e_tokens_clear_error_for_prompt_without_placeholder(comfy_client, com
 
     tokens_dir = comfy_dirs.model_folder("idfuse/tokens")
     make_id_tokens("sd15").save(tokens_dir / "my_identity.safetensors")
-    api = _small(ui_to_api(load_workflow(WORKFLOW), comfy_client.object_info()), sd15_checkpoint, seed=8)
+    api = small_sampling(ui_to_api(load_workflow(WORKFLOW), comfy_client.object_info()), sd15_checkpoint.name, seed=8)
     override_inputs(api, "IDFuseEncodeWithID", text="a photo of a person in a garden")
     try:
         comfy_client.run(api)

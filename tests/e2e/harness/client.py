@@ -258,6 +258,14 @@ class ComfyClient:
                 paths.append(self.output_path(item))
         return paths
 
+    def output_pixels(self, outputs: Mapping[str, Any]) -> Any:
+        """The one image in ``wait_for``'s outputs as an (H, W, C) uint8 array."""
+        import numpy as np
+        from PIL import Image
+
+        (path,) = self.output_files(outputs)
+        return np.asarray(Image.open(path))
+
     def put_input(self, name: str, data: bytes) -> str:
         """Write a file into the server's input folder; returns the name nodes refer to it by."""
         if self.dirs is None:

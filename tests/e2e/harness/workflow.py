@@ -299,3 +299,13 @@ def trained_files_graph(checkpoint: str, lora: str, tokens: str, size: int, file
         "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
         "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": filename_prefix}},
     }
+
+
+def small_sampling(api_graph: dict[str, dict[str, Any]], checkpoint: str, seed: int, size: int = 64,
+                   steps: int = 2) -> dict[str, dict[str, Any]]:
+    """A sampling workflow made cheap for a test: the test checkpoint, a ``steps``-step KSampler with ``seed``,
+    a size² empty latent."""
+    override_inputs(api_graph, "CheckpointLoaderSimple", ckpt_name=checkpoint)
+    override_inputs(api_graph, "KSampler", steps=steps, seed=seed)
+    override_inputs(api_graph, "EmptyLatentImage", width=size, height=size)
+    return api_graph
