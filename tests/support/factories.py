@@ -97,43 +97,45 @@ def make_clip(family: str, tokenizer_dir: Path, seed: int = 0):
     import comfy.sd1_clip
     import comfy.sdxl_clip
 
-    tmp = Path(tempfile.mkdtemp(prefix="idfuse-clip-"))
-    l_tokenizer = functools.partial(comfy.sd1_clip.SDTokenizer, tokenizer_path=str(tokenizer_dir))
-    clip_l = functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=_tiny_text_config(768, tmp))
-    target_params: dict = {}
+    # The text encoders read their JSON configs while CLIP is built; the folder is not needed after.
+    with tempfile.TemporaryDirectory(prefix="idfuse-clip-") as tmp_name:
+        tmp = Path(tmp_name)
+        l_tokenizer = functools.partial(comfy.sd1_clip.SDTokenizer, tokenizer_path=str(tokenizer_dir))
+        clip_l = functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=_tiny_text_config(768, tmp))
+        target_params: dict = {}
 
-    if family == "sd15":
-        target_clip = functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=clip_l)
-        target_tokenizer = functools.partial(comfy.sd1_clip.SD1Tokenizer, tokenizer=l_tokenizer)
-    else:
-        g_config = _tiny_text_config(1280, tmp)
+        if family == "sd15":
+            target_clip = functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=clip_l)
+            target_tokenizer = functools.partial(comfy.sd1_clip.SD1Tokenizer, tokenizer=l_tokenizer)
+        else:
+            g_config = _tiny_text_config(1280, tmp)
 
-        class TinySDXLClip(comfy.sdxl_clip.SDXLClipModel):
-            def __init__(self, device="cpu", dtype=None, model_options={}):  # noqa: B006 (ComfyUI's signature)
-                torch.nn.Module.__init__(self)
-                self.clip_l = clip_l(layer="hidden", layer_idx=-2, device=device, dtype=dtype,
-                                     layer_norm_hidden_state=False, model_options=model_options)
-                self.clip_g = comfy.sd1_clip.SDClipModel(
-                    device=device, dtype=dtype, layer="hidden", layer_idx=-2, textmodel_json_config=g_config,
-                    special_tokens={"start": 49406, "end": 49407, "pad": 0}, layer_norm_hidden_state=False,
-                    return_projected_pooled=True, model_options=model_options)
-                self.dtypes = {dtype}
+            class TinySDXLClip(comfy.sdxl_clip.SDXLClipModel):
+                def __init__(self, device="cpu", dtype=None, model_options={}):  # noqa: B006 (ComfyUI's signature)
+                    torch.nn.Module.__init__(self)
+                    self.clip_l = clip_l(layer="hidden", layer_idx=-2, device=device, dtype=dtype,
+                                         layer_norm_hidden_state=False, model_options=model_options)
+                    self.clip_g = comfy.sd1_clip.SDClipModel(
+                        device=device, dtype=dtype, layer="hidden", layer_idx=-2, textmodel_json_config=g_config,
+                        special_tokens={"start": 49406, "end": 49407, "pad": 0}, layer_norm_hidden_state=False,
+                        return_projected_pooled=True, model_options=model_options)
+                    self.dtypes = {dtype}
 
-        class TinySDXLTokenizer(comfy.sdxl_clip.SDXLTokenizer):
-            def __init__(self, embedding_directory=None, tokenizer_data={}):  # noqa: B006
-                self.clip_l = l_tokenizer(embedding_directory=embedding_directory)
-                self.clip_g = comfy.sd1_clip.SDTokenizer(
-                    str(tokenizer_dir), pad_with_end=False, embedding_directory=embedding_directory,
-                    embedding_size=1280, embedding_key="clip_g")
+            class TinySDXLTokenizer(comfy.sdxl_clip.SDXLTokenizer):
+                def __init__(self, embedding_directory=None, tokenizer_data={}):  # noqa: B006
+                    self.clip_l = l_tokenizer(embedding_directory=embedding_directory)
+                    self.clip_g = comfy.sd1_clip.SDTokenizer(
+                        str(tokenizer_dir), pad_with_end=False, embedding_directory=embedding_directory,
+                        embedding_size=1280, embedding_key="clip_g")
 
-        target_clip, target_tokenizer = TinySDXLClip, TinySDXLTokenizer
+            target_clip, target_tokenizer = TinySDXLClip, TinySDXLTokenizer
 
-    class Target:
-        params = target_params
-        clip = target_clip
-        tokenizer = target_tokenizer
+        class Target:
+            params = target_params
+            clip = target_clip
+            tokenizer = target_tokenizer
 
-    clip = comfy.sd.CLIP(Target, embedding_directory=None, model_options={"dtype": torch.float32})
+        clip = comfy.sd.CLIP(Target, embedding_directory=None, model_options={"dtype": torch.float32})
     init_weights(clip.cond_stage_model, seed)
     return clip
 

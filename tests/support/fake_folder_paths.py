@@ -5,10 +5,14 @@ Implements the few functions the pack calls, with the same signatures and semant
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 base_path = tempfile.mkdtemp(prefix="idfuse-comfy-")
+# A test run leaves nothing behind in the temp folder (CI machines have finite disks).
+atexit.register(shutil.rmtree, base_path, ignore_errors=True)
 models_dir = os.path.join(base_path, "models")
 supported_pt_extensions = {".ckpt", ".pt", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
 folder_names_and_paths: dict[str, tuple[list[str], set[str]]] = {
