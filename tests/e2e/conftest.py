@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from comfy_env import ComfyInstall
 
-from .harness.checkpoints import available_memory_gib, write_random_checkpoint
+from .harness.checkpoints import available_memory_gib, resident_memory_gib, write_random_checkpoint
 from .harness.client import ComfyClient
 from .harness.dirs import ServerDirs, prepare_base_dir
 from .harness.locate import comfyui_version, full_comfyui, missing_requirements
@@ -140,32 +140,44 @@ def sd15_checkpoint(comfyui_path: Path, comfy_dirs: ServerDirs) -> Iterator[Path
     yield from _random_checkpoint("sd15", SD15_CHECKPOINT_NAME, comfyui_path, comfy_dirs)
 
 
-def _memory_after_freeing_server(client: ComfyClient, needed_gib: float, timeout: float = 60.0) -> float | None:
-    """MemAvailable (GiB), after asking the session's server to drop its models and cached outputs when that is
-    short: a whole-folder run reaches the SDXL tests with the SD1.5 checkpoint of earlier tests still loaded."""
-    available = available_memory_gib()
-    if available is None or available >= needed_gib:
-        return available
-    client.free_memory(unload_models=True)  # ComfyUI acts on it between prompts, so wait for the memory to come back
+def _memory_for_server_tests(server: ComfyServer, needed_gib: float, timeout: float = 60.0) -> float | None:
+    """Memory (GiB) the test process and the session's server can reach: what they hold plus MemAvailable.
+
+    When that is short, the server is first asked to drop its models and cached outputs: a whole-folder run
+    reaches the SDXL tests with the SD1.5 checkpoint of earlier tests still loaded."""
+    def reachable() -> float | None:
+        available = available_memory_gib()
+        if available is None:
+            return None
+        held = resident_memory_gib(os.getpid())
+        if server.process is not None:
+            held += resident_memory_gib(server.process.pid)
+        return available + held
+
+    memory = reachable()
+    if memory is None or memory >= needed_gib:
+        return memory
+    server.client.free_memory(unload_models=True)  # ComfyUI acts on it between prompts: wait for the memory
     deadline = time.monotonic() + timeout
-    while available < needed_gib and time.monotonic() < deadline:
+    while (memory or 0.0) < needed_gib and time.monotonic() < deadline:
         time.sleep(1.0)
-        available = available_memory_gib() or 0.0
-    return available
+        memory = reachable()
+    return memory
 
 
 @pytest.fixture(scope="session")
-def sdxl_checkpoint(comfyui_path: Path, comfy_dirs: ServerDirs, comfy_client: ComfyClient) -> Iterator[Path]:
+def sdxl_checkpoint(comfyui_path: Path, comfy_dirs: ServerDirs, comfy_server: ComfyServer) -> Iterator[Path]:
     """A random-weight SDXL checkpoint (CLIP-L + CLIP-G, ~6.9 GB fp16) in the server's models/checkpoints.
 
     Cached like ``sd15_checkpoint``. Skips (it is no failure of the pack; ``IDFUSE_E2E_REQUIRED`` makes it one)
     when the machine has less memory available than the server needs to load it and run the SDXL tests
     (``SDXL_SERVER_MEMORY_GIB``), even once the server has dropped the models of earlier tests.
     """
-    available = _memory_after_freeing_server(comfy_client, SDXL_SERVER_MEMORY_GIB)
-    if available is not None and available < SDXL_SERVER_MEMORY_GIB:
-        _unavailable(f"the SDXL e2e tests need ~{SDXL_SERVER_MEMORY_GIB:.0f} GiB of available memory (ComfyUI "
-                     f"loads the checkpoint in fp32 on the CPU), only {available:.1f} GiB available")
+    memory = _memory_for_server_tests(comfy_server, SDXL_SERVER_MEMORY_GIB)
+    if memory is not None and memory < SDXL_SERVER_MEMORY_GIB:
+        _unavailable(f"the SDXL e2e tests need ~{SDXL_SERVER_MEMORY_GIB:.0f} GiB of memory for the test process and "
+                     f"the server (ComfyUI loads the checkpoint in fp32 on the CPU); they hold and can get only "
+                     f"{memory:.1f} GiB")
     yield from _random_checkpoint("sdxl", SDXL_CHECKPOINT_NAME, comfyui_path, comfy_dirs)
 
 

@@ -332,6 +332,16 @@ def available_memory_gib() -> float | None:
     return int(fields["MemAvailable"].split()[0]) / (1 << 20)
 
 
+def resident_memory_gib(pid: int) -> float:
+    """VmRSS of process ``pid`` in GiB (0 where /proc does not tell)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as handle:
+            fields = dict(line.split(":", 1) for line in handle if ":" in line)
+    except OSError:
+        return 0.0
+    return int(fields.get("VmRSS", "0 kB").split()[0]) / (1 << 20)
+
+
 @dataclass(frozen=True)
 class LoadReport:
     """What ComfyUI made of a checkpoint: detected classes and every key complaint it logged."""
