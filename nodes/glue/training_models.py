@@ -23,10 +23,11 @@ from .model_info import TOKENIZER_KEYS
 log = logging.getLogger("idfuse.nodes")
 
 
-def _template_text(template: str, word: str, index: int) -> str:
+def _template_text(template: str, word: str, label: str, fix: str) -> str:
+    """``template`` with ``word`` where its one ``{}`` is; ``label`` names it and ``fix`` says what to do
+    in the error when it has no or several ``{}``."""
     if template.count("{}") != 1:
-        raise TrainingError(f"Prompt template {index + 1} '{template}' must contain '{{}}' exactly once (where the "
-                            f"placeholder goes), e.g. 'a photo of the face of {{}}'.")
+        raise TrainingError(f"{label} must contain '{{}}' exactly once (where the placeholder goes){fix}")
     return template.replace("{}", word)
 
 
@@ -83,13 +84,8 @@ class SplicingTextEncoder:
         return f"The caption template '{self.templates[index]}' (from a photo's caption)"
 
     def _text(self, index: int, word: str) -> str:
-        if index < self.num_shared:
-            return _template_text(self.templates[index], word, index)
-        template = self.templates[index]
-        if template.count("{}") != 1:
-            raise TrainingError(f"{self._label(index)} must contain '{{}}' exactly once (where the placeholder goes); "
-                                f"edit the caption file.")
-        return template.replace("{}", word)
+        fix = ", e.g. 'a photo of the face of {}'." if index < self.num_shared else "; edit the caption file."
+        return _template_text(self.templates[index], word, self._label(index), fix)
 
     def _positions(self, all_tokens: list[dict], ids: dict[str, int]) -> torch.Tensor:
         positions = []
