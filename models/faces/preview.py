@@ -1,4 +1,5 @@
-"""The Face Embed preview: detected faces drawn on the photo."""
+"""The Face Embed preview: detected faces drawn on the photo; the label font and line breaking every
+preview of the pack draws its text with."""
 
 from __future__ import annotations
 
@@ -42,5 +43,35 @@ def label_font(size: int):
 
     try:
         return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow < 10.1 or without FreeType: the fixed small bitmap font
+    except (TypeError, OSError, ImportError):  # Pillow < 10.1 or without FreeType: the small bitmap font
         return ImageFont.load_default()
+
+
+def wrap_label(draw, text: str, font, width: float, lines: int) -> list[str]:
+    """A label for ``draw``: the text broken at spaces into at most ``lines`` lines of at most ``width`` pixels
+    (a word wider than that is cut), the last ending in "..." when the text did not fit."""
+    pieces = []
+    for word in text.split():
+        while len(word) > 1 and draw.textlength(word, font=font) > width:
+            cut = len(word) - 1
+            while cut > 1 and draw.textlength(word[:cut], font=font) > width:
+                cut -= 1
+            pieces.append(word[:cut])
+            word = word[cut:]
+        pieces.append(word)
+    result, line = [], ""
+    for piece in pieces:
+        candidate = f"{line} {piece}" if line else piece
+        if not line or draw.textlength(candidate, font=font) <= width:
+            line = candidate
+        else:
+            result.append(line)
+            line = piece
+    if line:
+        result.append(line)
+    if len(result) > lines:
+        last = result[lines - 1]
+        while last and draw.textlength(f"{last}...", font=font) > width:
+            last = last[:-1]
+        result = [*result[:lines - 1], f"{last}..."]
+    return result

@@ -323,43 +323,13 @@ def aspect_text(width: int, height: int) -> str:
     return f"{ratio:.2f}:1 {shape}"
 
 
-def _wrapped(text: str, font, width: float, draw, lines: int) -> list[str]:
-    """The text broken at spaces into at most ``lines`` lines of at most ``width`` pixels (a word wider than that
-    is cut), the last ending in "..." when the text did not fit."""
-    pieces = []
-    for word in text.split():
-        while len(word) > 1 and draw.textlength(word, font=font) > width:
-            cut = len(word) - 1
-            while cut > 1 and draw.textlength(word[:cut], font=font) > width:
-                cut -= 1
-            pieces.append(word[:cut])
-            word = word[cut:]
-        pieces.append(word)
-    result, line = [], ""
-    for piece in pieces:
-        candidate = f"{line} {piece}" if line else piece
-        if not line or draw.textlength(candidate, font=font) <= width:
-            line = candidate
-        else:
-            result.append(line)
-            line = piece
-    if line:
-        result.append(line)
-    if len(result) > lines:
-        last = result[lines - 1]
-        while last and draw.textlength(f"{last}...", font=font) > width:
-            last = last[:-1]
-        result = [*result[:lines - 1], f"{last}..."]
-    return result
-
-
 def contact_sheet(photos: Sequence[TrainingPhoto], side: int = THUMBNAIL_SIDE, columns: int = PREVIEW_COLUMNS
                   ) -> torch.Tensor:
     """The photos as thumbnails (aspect kept, on grey) in a grid, each with its number, file name and caption
     (or "no caption"): an IMAGE [1, H, W, 3]."""
     from PIL import Image, ImageDraw, ImageOps
 
-    from ..faces.preview import label_font
+    from ..faces.preview import label_font, wrap_label
 
     font = label_font(max(10, round(side / 18)))
     line_height = round(font.size * 1.25) if hasattr(font, "size") else 12
@@ -375,8 +345,8 @@ def contact_sheet(photos: Sequence[TrainingPhoto], side: int = THUMBNAIL_SIDE, c
                                      Image.Resampling.LANCZOS)
         draw.rectangle([left + 1, top + 1, left + side - 2, top + side - 2], fill=(64, 64, 64))
         sheet.paste(thumbnail, (left + (side - thumbnail.width) // 2, top + (side - thumbnail.height) // 2))
-        name = _wrapped(f"{index + 1}. {photo.name}", font, side - 8, draw, 1)
-        caption = _wrapped(photo.caption, font, side - 8, draw, CAPTION_LINES) if photo.caption else ["no caption"]
+        name = wrap_label(draw, f"{index + 1}. {photo.name}", font, side - 8, 1)
+        caption = wrap_label(draw, photo.caption, font, side - 8, CAPTION_LINES) if photo.caption else ["no caption"]
         y = top + side + 2
         draw.text((left + 4, y), name[0], font=font, fill=(255, 255, 255))
         for text in caption:

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..faces.preview import label_font, wrap_label
+
 # The grid of many rounds is shrunk (cells alike) so that neither side passes this many pixels: a long run
 # sampled often would otherwise make an IMAGE of hundreds of megabytes.
 MAX_GRID_SIDE = 8192
@@ -24,38 +26,6 @@ INK = (0, 0, 0)
 def row_label_width(cell_width: int) -> int:
     """Width of the column of prompt labels left of the grid's cells."""
     return max(ROW_LABEL_WIDTH, cell_width * 2 // 5)
-
-
-def _font(size: int = FONT_SIZE):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size)  # scalable where Pillow has FreeType
-    except (TypeError, OSError, ImportError):
-        return ImageFont.load_default()
-
-
-def _wrapped(draw, text: str, font, width: int, max_lines: int = MAX_LABEL_LINES) -> list[str]:
-    """``text`` in lines no wider than ``width``, at most ``max_lines`` (the last one cut with '…')."""
-    lines: list[str] = []
-    current = ""
-    for word in text.split():
-        candidate = f"{current} {word}".strip()
-        if current and draw.textlength(candidate, font=font) > width:
-            lines.append(current)
-            current = word
-        else:
-            current = candidate
-    if current:
-        lines.append(current)
-    if len(lines) > max_lines:
-        lines = lines[:max_lines]
-        lines[-1] += " …"
-    for index, line in enumerate(lines):  # a single word wider than the cell
-        while draw.textlength(line, font=font) > width and len(line) > 1:
-            line = line[:-2] + "…"
-        lines[index] = line
-    return lines
 
 
 def _line_height(font) -> int:
@@ -76,14 +46,14 @@ def labelled_grid(cells: torch.Tensor, column_labels: Sequence[str], row_labels:
     from PIL import Image, ImageDraw
 
     rows, columns, height, width = cells.shape[:4]
-    font = _font(max(FONT_SIZE, width // 24))
+    font = label_font(max(FONT_SIZE, width // 24))
     scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line = _line_height(font)
-    column_text = [_wrapped(scratch, label, font, width - 2 * MARGIN) for label in column_labels]
+    column_text = [wrap_label(scratch, label, font, width - 2 * MARGIN, MAX_LABEL_LINES) for label in column_labels]
     header = MARGIN + line * max((len(t) for t in column_text), default=0)
     title_height = MARGIN + line if title else 0
     label_width = row_label_width(width) if row_labels is not None else 0
-    row_text = ([_wrapped(scratch, label, font, label_width - 2 * MARGIN, max_lines=max(1, height // line))
+    row_text = ([wrap_label(scratch, label, font, label_width - 2 * MARGIN, max(1, height // line))
                  for label in row_labels] if row_labels is not None else [])
     picture = Image.new("RGB", (label_width + columns * width, title_height + header + rows * height), BACKGROUND)
     draw = ImageDraw.Draw(picture)
@@ -144,8 +114,8 @@ def message_image(text: str, size: tuple[int, int] = (64, 320)) -> torch.Tensor:
 
     picture = Image.new("RGB", (size[1], size[0]), BACKGROUND)
     draw = ImageDraw.Draw(picture)
-    font = _font()
-    for number, line in enumerate(_wrapped(draw, text, font, size[1] - 2 * MARGIN)):
+    font = label_font(FONT_SIZE)
+    for number, line in enumerate(wrap_label(draw, text, font, size[1] - 2 * MARGIN, MAX_LABEL_LINES)):
         draw.text((MARGIN, MARGIN + number * _line_height(font)), line, fill=INK, font=font)
     return torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0).unsqueeze(0)
 
